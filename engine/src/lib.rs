@@ -2,6 +2,7 @@
 //! second-order lens of Gandelsman, Efros and Steinhardt ("Interpreting the Second-Order Effects
 //! of Neurons in CLIP", ICLR 2025) computed by an exact factorization.
 
+pub mod analysis;
 pub mod config;
 pub mod error;
 pub mod image;
