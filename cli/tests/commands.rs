@@ -1,0 +1,139 @@
+//! The `clip-lens` binary end to end: every subcommand on a tiny random model and on the
+//! open_clip reference fixture, and its errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn clip_lens(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_clip-lens")).args(args).output().expect("clip-lens runs")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clip-lens-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_subcommands() {
+    let output = clip_lens(&["--help"]);
+    assert!(output.status.success());
+    let help = text(&output.stdout);
+    for command in ["preprocess", "embed", "effects", "bench", "random-model"] {
+        assert!(help.contains(command), "--help does not list {command}:\n{help}");
+    }
+    for command in ["preprocess", "embed", "effects", "bench", "random-model"] {
+        let output = clip_lens(&[command, "--help"]);
+        assert!(output.status.success(), "{command} --help failed");
+    }
+}
+
+#[test]
+fn embed_matches_open_clip_on_fixture_input() {
+    // The first image of the fixture batch, written as a [3, S, S] input; tolerance 1e-4
+    // relative to the largest embedding entry.
+    let dir = temp_dir("embed");
+    let model = fixtures().join("models/openclip-quickgelu");
+    let batch = engine::npy::read(&model.join("expected/input.npy")).unwrap();
+    let per_image = batch.data.len() / batch.shape[0];
+    let input = dir.join("input.npy");
+    engine::npy::write(&input, &engine::npy::Array::new(batch.shape[1..].to_vec(), batch.data[..per_image].to_vec())).unwrap();
+
+    let out = dir.join("embedding.npy");
+    let output = clip_lens(&["embed", "--model", model.to_str().unwrap(), "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let actual = engine::npy::read(&out).unwrap();
+    let expected = engine::npy::read(&model.join("expected/embedding.npy")).unwrap();
+    let d = expected.shape[1];
+    assert_eq!(actual.shape, vec![d]);
+    let scale = expected.data[..d].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (a, e) in actual.data.iter().zip(&expected.data[..d]) {
+        assert!((a - e).abs() <= 1e-4 * scale, "{a} vs {e}");
+    }
+}
+
+#[test]
+fn effects_writes_matrix_and_prints_top_neurons() {
+    let dir = temp_dir("effects");
+    let model = dir.join("model");
+    let output = clip_lens(&["random-model", "--preset", "tiny", "--seed", "3", "--out", model.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let image = fixtures().join("images");
+    let photo = std::fs::read_dir(&image)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .expect("a JPEG photograph in fixtures/images");
+    let out = dir.join("effects.npy");
+    let output = clip_lens(&[
+        "effects", "--model", model.to_str().unwrap(), "--image", photo.to_str().unwrap(),
+        "--layer", "2", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let effects = engine::npy::read(&out).unwrap();
+    assert_eq!(effects.shape, vec![128, 24], "tiny preset: N = 128 neurons, d = 24");
+    let stdout = text(&output.stdout);
+    let rows = stdout.lines().filter(|l| l.trim_start().chars().next().is_some_and(|c| c.is_ascii_digit())).count();
+    assert_eq!(rows, 20, "expected 20 neuron rows:\n{stdout}");
+
+    // The printed norms are the norms of the written rows, largest first.
+    let mut norms: Vec<f32> = effects.data.chunks(24).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt()).collect();
+    norms.sort_by(|a, b| b.total_cmp(a));
+    let first: f32 = stdout.lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        let (n, v) = (parts.next()?, parts.next()?);
+        n.parse::<usize>().ok().and(v.parse().ok())
+    }).unwrap();
+    assert!((first - norms[0]).abs() <= 1e-3 * norms[0], "{first} vs {}", norms[0]);
+
+    let pre = dir.join("pre.npy");
+    let output = clip_lens(&["preprocess", "--model", model.to_str().unwrap(), "--image", photo.to_str().unwrap(), "--out", pre.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(engine::npy::read(&pre).unwrap().shape, vec![3, 32, 32]);
+}
+
+#[test]
+fn bench_prints_json() {
+    let output = clip_lens(&["bench", "--preset", "tiny", "--iterations", "1", "--batch", "2", "--json"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(value["forward_ms_per_image"].as_f64().unwrap() > 0.0);
+    assert!(value["lens_ms_per_image"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn errors_go_to_stderr_with_failure() {
+    let dir = temp_dir("errors");
+    let model = dir.join("model");
+    assert!(clip_lens(&["random-model", "--preset", "tiny", "--out", model.to_str().unwrap()]).status.success());
+
+    let bad_image = dir.join("not-an-image.png");
+    std::fs::write(&bad_image, "hello").unwrap();
+    let output = clip_lens(&["embed", "--model", model.to_str().unwrap(), "--image", bad_image.to_str().unwrap(), "--out", "/dev/null"]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.starts_with("error:") && stderr.contains("not-an-image.png"), "{stderr}");
+
+    let output = clip_lens(&["effects", "--model", model.to_str().unwrap(), "--image", bad_image.to_str().unwrap(), "--layer", "3", "--out", "/dev/null"]);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("no later block"), "{}", text(&output.stderr));
+
+    let wrong = dir.join("wrong.npy");
+    engine::npy::write(&wrong, &engine::npy::Array::new(vec![3, 8, 8], vec![0.0; 192])).unwrap();
+    let output = clip_lens(&["embed", "--model", model.to_str().unwrap(), "--input", wrong.to_str().unwrap(), "--out", "/dev/null"]);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("[3, 32, 32]"), "{}", text(&output.stderr));
+
+    let output = clip_lens(&["random-model", "--preset", "nope", "--out", dir.join("x").to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("unknown preset"), "{}", text(&output.stderr));
+}

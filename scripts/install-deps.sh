@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what building, serving and testing need on a fresh Debian machine, skipping what is
+# already there: Debian's Chromium (browser tests), Mesa's lavapipe Vulkan driver (native GPU
+# tests without a GPU), binaryen (wasm-opt), the wasm32 Rust target, trunk, and the
+# wasm-bindgen CLI at the version Cargo.lock pins. Pass --no-browser to skip Chromium.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(mesa-vulkan-drivers libvulkan1 binaryen)
+if [[ "${1:-}" != "--no-browser" ]]; then
+  packages+=(chromium chromium-driver)
+fi
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  echo "installing Debian packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+
+# trunk 0.22 needs a newer rustc than 1.95; 0.21.14 builds with it.
+if ! command -v trunk >/dev/null; then
+  cargo install --locked trunk@0.21.14
+fi
+
+# The CLI must match the wasm-bindgen crate in Cargo.lock exactly. It installs without --locked
+# because one of its locked dependencies is not served by the registry.
+bindgen_version=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
+if [[ -n "$bindgen_version" ]] && ! wasm-bindgen --version 2>/dev/null | grep -q " $bindgen_version\$"; then
+  cargo install wasm-bindgen-cli --version "$bindgen_version"
+fi
