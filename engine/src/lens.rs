@@ -17,7 +17,7 @@
 //! one `[K, T] x [T, N]` product per block for `c`. Norms use the per-neuron Gram matrices
 //! `G_n = U_n U_n^T`, so the `[N, d]` effects are only formed when a caller asks for them.
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{EngineError, Result};
 use crate::model::{Recording, VisionTransformer};
@@ -249,6 +249,69 @@ impl Lens {
 
     pub fn neurons(&self) -> usize {
         self.neurons
+    }
+
+    /// Returns the device the basis is stored on.
+    pub fn device(&self) -> Device {
+        self.post_gain.device()
+    }
+
+    /// Width d of the joint embedding, the length of every effect.
+    pub fn embed_dim(&self) -> usize {
+        self.embed_dim
+    }
+
+    /// Number of (later block, head) pairs K of source block `layer`: the rows of its `c`.
+    pub fn pairs(&self, layer: usize) -> Result<usize> {
+        Ok(self.block(layer)?.pairs)
+    }
+
+    /// Forms the vectors `U[k, n]` of neurons `start..start + len` of block `layer`,
+    /// `[len, K, d]`. Neuron n's effect is `scale * c[:, n]^T U_n + shared`. Costs `K d e`
+    /// multiply-adds per neuron.
+    pub fn neuron_basis(&self, layer: usize, start: usize, len: usize) -> Result<Tensor<3>> {
+        let basis = self.block(layer)?;
+        if start + len > self.neurons {
+            return Err(EngineError::Input(format!(
+                "neurons {start}..{} requested from a block of {} neurons",
+                start + len,
+                self.neurons
+            )));
+        }
+        let u = basis.m.clone().matmul(basis.b.clone().narrow(2, start, len)); // [K, d, len]
+        Ok(u.permute([2, 0, 1]))
+    }
+
+    /// Computes the norms of the centered effects `|phi_n - b_n|`, `[B, N]`. The mean effect
+    /// `b_n` is given by the mean of the scaled coefficients `scale * c` (`[K, N]`) and the mean of
+    /// `shared` (`[d]`) over an image set. `phi` is linear in both, so this is the norm of the
+    /// effect with coefficients `scale * c - mean_coefficients`, scale 1 and shared vector
+    /// `shared - mean_shared`.
+    pub fn centered_norms(
+        &self,
+        coefficients: &BlockCoefficients,
+        mean_coefficients: &Tensor<2>,
+        mean_shared: &Tensor<1>,
+    ) -> Result<Tensor<2>> {
+        let [batch, pairs, neurons] = coefficients.c.dims();
+        if mean_coefficients.dims() != [pairs, neurons] || mean_shared.dims() != [self.embed_dim] {
+            return Err(EngineError::Input(format!(
+                "block {}: means of shape {:?} and {:?} do not match coefficients [{pairs}, \
+                 {neurons}] and a shared vector of length {}",
+                coefficients.layer,
+                mean_coefficients.dims(),
+                mean_shared.dims(),
+                self.embed_dim
+            )));
+        }
+        let scaled = coefficients.c.clone() * coefficients.scale.clone().reshape([batch, 1, 1]);
+        let centered = BlockCoefficients {
+            layer: coefficients.layer,
+            c: scaled - mean_coefficients.clone().unsqueeze::<3>(),
+            scale: Tensor::ones([batch, 1], &coefficients.c.device()),
+            shared: coefficients.shared.clone() - mean_shared.clone().unsqueeze::<2>(),
+        };
+        self.effect_norms(&centered)
     }
 }
 
