@@ -4,6 +4,7 @@
 
 pub mod analysis;
 pub mod config;
+pub mod decompose;
 pub mod device;
 pub mod error;
 pub mod image;
