@@ -12,6 +12,7 @@ pub mod lens;
 pub mod model;
 pub mod npy;
 pub mod random;
+pub mod vocabulary;
 pub mod weights;
 
 pub use burn::tensor::{Device, Tensor, TensorData};
