@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also measure atlas throughput: images per second of `clip-lens atlas` pass 1 plus pass 2
+    /// (coefficient cache on) over batch x iterations random images, against the forward pass.
+    #[arg(long)]
+    atlas: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -96,8 +100,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let per_image = |v: &[f64]| median(v) / args.batch as f64;
     let forward = per_image(&forward_ms);
     let lens_time = per_image(&lens_ms);
+    let atlas = if args.atlas {
+        Some(crate::atlas::throughput::measure(&model, &layers, args.batch, args.iterations)?)
+    } else {
+        None
+    };
+
     if args.json {
-        let value = serde_json::json!({
+        let mut value = serde_json::json!({
             "forward_ms_per_image": forward,
             "lens_ms_per_image": lens_time,
             "lens_over_forward": lens_time / forward,
@@ -106,12 +116,32 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "batch": args.batch,
             "iterations": args.iterations,
         });
+        if let Some(atlas) = &atlas {
+            value["atlas"] = serde_json::json!({
+                "images": atlas.images,
+                "forward_images_per_second": atlas.forward,
+                "pass_one_images_per_second": atlas.pass_one,
+                "pass_two_images_per_second": atlas.pass_two,
+                "atlas_images_per_second": atlas.atlas,
+                "atlas_over_forward": atlas.atlas / atlas.forward,
+                "k": atlas.k,
+                "finish_seconds": atlas.finish_seconds,
+            });
+        }
         println!("{value}");
     } else {
         println!("blocks {layers:?}, batch {}, median of {} runs", args.batch, args.iterations);
         println!("forward pass      {forward:>10.2} ms per image");
         println!("lens ({} blocks)   {lens_time:>10.2} ms per image ({:.1}% of the forward pass)", layers.len(), 100.0 * lens_time / forward);
         println!("basis (once)      {basis_ms:>10.2} ms");
+        if let Some(atlas) = &atlas {
+            println!("atlas throughput over {} random images (k = {}):", atlas.images, atlas.k);
+            println!("  forward pass only {:>10.2} images/s", atlas.forward);
+            println!("  atlas pass 1      {:>10.2} images/s", atlas.pass_one);
+            println!("  atlas pass 2      {:>10.2} images/s", atlas.pass_two);
+            println!("  passes 1 + 2      {:>10.2} images/s ({:.2} of the forward rate)", atlas.atlas, atlas.atlas / atlas.forward);
+            println!("  directions (once) {:>10.2} s", atlas.finish_seconds);
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `clip-lens`: the engine on the command line. Runs CLIP's vision tower and the second-order
 //! lens natively, on the CPU by default or on a GPU through wgpu.
 
+mod atlas;
 mod bench;
 
 use std::path::{Path, PathBuf};
@@ -84,6 +85,12 @@ enum Command {
         #[arg(long, default_value = "openai", value_parser = ["openai", "hf"])]
         naming: String,
     },
+    /// Build a neuron atlas: per-neuron statistics of the second-order lens over an image set
+    /// (mean effects, thresholds, top images, principal directions, classes and text terms).
+    #[command(after_help = atlas::HELP)]
+    Atlas(atlas::AtlasArgs),
+    /// Merge partial files of `clip-lens atlas --stage means` or `--stage top` from several shards.
+    AtlasMerge(atlas::MergeArgs),
 }
 
 #[derive(Args)]
@@ -183,6 +190,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Atlas(args) => atlas::run(args),
+        Command::AtlasMerge(args) => atlas::merge(args),
         Command::RandomModel { preset, seed, out, dtype, naming } => {
             let config = ClipConfig::preset(&preset)?;
             let dtype: StorageType = dtype.parse()?;

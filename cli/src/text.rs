@@ -32,7 +32,7 @@ pub struct TextInput {
 
 /// Loads `model_dir/tokenizer.json`, or the built-in tokenizer when the directory has none, with
 /// the context length of the model's config.
-fn load_tokenizer(model_dir: &Path, config: &ClipConfig) -> Result<ClipTokenizer> {
+pub fn load_tokenizer(model_dir: &Path, config: &ClipConfig) -> Result<ClipTokenizer> {
     let path = model_dir.join("tokenizer.json");
     let tokenizer = if path.is_file() {
         ClipTokenizer::from_file(&path)?

@@ -3,6 +3,8 @@
 //! of Neurons in CLIP", ICLR 2025) computed by an exact factorization.
 
 pub mod analysis;
+pub mod assets;
+pub mod atlas;
 pub mod config;
 pub mod decompose;
 pub mod device;
