@@ -63,7 +63,7 @@ pub struct AtlasArgs {
     /// Model directory: config.json (open_clip or Hugging Face format) plus one .safetensors file.
     #[arg(long)]
     model: PathBuf,
-    /// Image folder, searched recursively for jpg, jpeg, png, gif, webp, bmp and tiff files.
+    /// Image folder, searched recursively for jpg, jpeg, png, gif, webp, bmp, tif and tiff files.
     #[arg(long)]
     images: PathBuf,
     /// Output: the atlas directory (stages all and finish) or the partial file (means and top).
