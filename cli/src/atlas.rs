@@ -304,6 +304,10 @@ pub fn run(args: AtlasArgs) -> Result<()> {
             output::write_atlas(&setup, &args, &top, &mut timings, started)?;
         }
         Stage::All => {
+            let listed = setup.paths.len();
+            if listed < args.k {
+                bail!("found {listed} images under {}, fewer than --k {}; lower --k", args.images.display(), args.k);
+            }
             output::prepare_directory(&args.out)?;
             let temporary = args.cache.is_none() && !args.no_cache;
             let cache = match (&args.cache, args.no_cache) {
@@ -312,6 +316,13 @@ pub fn run(args: AtlasArgs) -> Result<()> {
                 (None, true) => None,
             };
             let means = pass_one(&setup, args.batch, Shard::WHOLE, cache.as_deref(), &mut timings)?;
+            let used = means.coverage.images;
+            if used < args.k as u64 {
+                if let (true, Some(path)) = (temporary, &cache) {
+                    let _ = std::fs::remove_file(path);
+                }
+                bail!("only {used} of {listed} images could be read, fewer than --k {}; lower --k", args.k);
+            }
             let block_means = means.means()?;
             let skipped = means.coverage.skipped.clone();
             let result = pass_two(&setup, args.batch, args.k, Shard::WHOLE, block_means, cache.as_deref(), skipped, &mut timings);

@@ -236,10 +236,16 @@ fn atlas_stage_errors_explain_the_fix() {
     assert!(text(&output.stderr).contains("shards 1/2 are missing"), "{}", text(&output.stderr));
 
     let mut too_many = vec!["atlas"];
-    too_many.extend(common(&inputs, "20"));
+    too_many.extend(common(&inputs, "9"));
     let output = clip_lens(&[too_many.as_slice(), &["--out", s(&inputs.dir.join("atlas"))]].concat());
     assert!(!output.status.success());
-    assert!(text(&output.stderr).contains("only 8 images were read"), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("only 8 of 9 images could be read"), "{}", text(&output.stderr));
+
+    let mut more_than_listed = vec!["atlas"];
+    more_than_listed.extend(common(&inputs, "10"));
+    let output = clip_lens(&[more_than_listed.as_slice(), &["--out", s(&inputs.dir.join("atlas"))]].concat());
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("found 9 images"), "{}", text(&output.stderr));
 
     let not_empty = inputs.dir.join("images");
     let output = clip_lens(&[args.as_slice(), &["--out", s(&not_empty)]].concat());
