@@ -3,6 +3,8 @@
 
 mod atlas;
 mod bench;
+mod bench_text;
+mod text;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -67,6 +69,9 @@ enum Command {
     },
     /// Measure forward-pass and lens time per image.
     Bench(bench::BenchArgs),
+    /// Measure text embedding of a vocabulary, truncated after the end-of-text token against the
+    /// full 77-token context.
+    BenchText(bench_text::BenchTextArgs),
     /// Write a model directory with seeded random weights (OpenAI naming, open_clip config by
     /// default) for tests and for the page's embedded default model.
     RandomModel {
@@ -91,6 +96,28 @@ enum Command {
     Atlas(atlas::AtlasArgs),
     /// Merge partial files of `clip-lens atlas --stage means` or `--stage top` from several shards.
     AtlasMerge(atlas::MergeArgs),
+    /// Print the token ids of a text as open_clip.tokenize gives them, without the zero padding.
+    #[command(after_help = text::TOKENIZER_HELP)]
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text to tokenize.
+        #[arg(long)]
+        text: String,
+    },
+    /// Write unit-normalized text embeddings from the text tower, float32 [n, d].
+    #[command(after_help = text::TOKENIZER_HELP)]
+    EmbedText {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        input: text::TextInput,
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Output .npy file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -190,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::BenchText(args) => bench_text::run(args),
         Command::Atlas(args) => atlas::run(args),
         Command::AtlasMerge(args) => atlas::merge(args),
         Command::RandomModel { preset, seed, out, dtype, naming } => {
@@ -199,6 +227,11 @@ fn run(cli: Cli) -> Result<()> {
             engine::random::write_model_dir(&out, &config, seed, naming, dtype)?;
             println!("wrote {} ({preset}, seed {seed}) to {}", "random model", out.display());
             Ok(())
+        }
+        Command::Tokenize { model, text: input } => text::tokenize(&model.model, &input),
+        Command::EmbedText { model, input, device, out } => {
+            let device = device.init()?;
+            text::embed_text(&model.model, &input, &device, &out)
         }
     }
 }

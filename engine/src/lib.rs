@@ -14,6 +14,8 @@ pub mod lens;
 pub mod model;
 pub mod npy;
 pub mod random;
+pub mod text;
+pub mod tokenizer;
 pub mod vocabulary;
 pub mod weights;
 
