@@ -3,6 +3,7 @@
 
 mod atlas;
 mod bench;
+mod bench_omp;
 mod bench_text;
 mod text;
 
@@ -69,6 +70,8 @@ enum Command {
     },
     /// Measure forward-pass and lens time per image.
     Bench(bench::BenchArgs),
+    /// Measure the sparse text decomposition (dictionary and OMP) on a random pool.
+    BenchOmp(bench_omp::BenchOmpArgs),
     /// Measure text embedding of a vocabulary, truncated after the end-of-text token against the
     /// full 77-token context.
     BenchText(bench_text::BenchTextArgs),
@@ -217,6 +220,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
+        Command::BenchOmp(args) => bench_omp::run(args),
         Command::BenchText(args) => bench_text::run(args),
         Command::Atlas(args) => atlas::run(args),
         Command::AtlasMerge(args) => atlas::merge(args),

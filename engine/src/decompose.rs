@@ -46,7 +46,7 @@ pub struct Dictionary {
 }
 
 impl Dictionary {
-    /// Builds the dictionary as Gandelsman, Efros and Steinhardt's code does from unit-normalized
+    /// Builds the dictionary as Gandelsman, Efros and Steinhardt build it, from unit-normalized
     /// text embeddings `[texts, dim]`: multiply by 100, subtract the pool mean from every row,
     /// then divide every dimension (column) by its norm over the pool and multiply by 100.
     ///
@@ -243,6 +243,11 @@ pub struct OmpOptions {
     /// bytes. The columns of the atoms that the targets in flight have selected stay cached even
     /// beyond this budget.
     pub gram_cache_bytes: usize,
+    /// Steps of each pursuit that select from correlations computed with cached Gram columns.
+    /// Such a step costs `texts × selected` reads of f32 columns, which grows with every atom, so
+    /// later steps multiply the residuals with the dictionary instead: `texts × dim` multiply-adds
+    /// per target in one matrix product for the chunk. `None` uses `dim / 16`.
+    pub gram_steps: Option<usize>,
 }
 
 impl Default for OmpOptions {
@@ -251,7 +256,17 @@ impl Default for OmpOptions {
     fn default() -> Self {
         OmpOptions {
             gram_cache_bytes: 2 << 30,
+            gram_steps: None,
         }
+    }
+}
+
+impl OmpOptions {
+    /// Returns the number of Gram steps for atoms of length `dim`: `gram_steps`, or `dim / 16`.
+    pub fn gram_steps_for(&self, dim: usize) -> usize {
+        // NOTE: dim / 16 is where the two kinds of step cost the same in `clip-lens bench-omp` on
+        // a 2-core x86-64 with d = 512. The best value depends on memory bandwidth and matrix speed.
+        self.gram_steps.unwrap_or(dim / 16)
     }
 }
 
@@ -274,17 +289,18 @@ pub fn omp_batch(
     )
 }
 
-/// Runs `omp` for `count` targets (`targets` is `[count, dim]` row-major) in the Gram
-/// formulation. Calls `progress` with the number of targets done after every chunk of them.
+/// Runs `omp` for `count` targets (`targets` is `[count, dim]` row-major), a chunk of targets at
+/// a time in lockstep. Calls `progress` with the number of targets done after every chunk.
 ///
-/// The correlations with the residual are `D y - G[:, S] γ` over the selected atoms S. `D y` comes
-/// from one matrix product per chunk of targets. The Gram column `G[:, s] = D d_s` of an atom is
-/// computed when a target first selects it, in one matrix product for all atoms new in that step,
-/// and stays cached for later targets. A step then costs `texts × selected` multiply-adds instead
-/// of `texts × dim`. Because the cached columns are f32, these correlations only narrow down the
-/// candidates. The atoms within twice the bound of their rounding error of the best one are
-/// scored again in f64 against the residual, as `omp` scores every atom. The Cholesky factor and
-/// the coefficients use f64 dot products of atoms, so results agree with `omp` up to f64 rounding.
+/// The first `gram_steps` steps use the Gram formulation. The correlations with the residual are
+/// `D y - G[:, S] γ` over the selected atoms S, where `D y` comes from one matrix product per
+/// chunk. The Gram column `G[:, s] = D d_s` of an atom is computed when a target first selects it,
+/// in one matrix product for all atoms new in that step, and stays cached for later targets.
+/// Because the cached columns are f32, these correlations only narrow down the candidates. The
+/// atoms within twice the bound of their rounding error of the best one are scored again in f64
+/// against the residual, as `omp` scores every atom. Later steps compute `D r` for the residuals
+/// of all targets in the chunk with one f64 matrix product. The Cholesky factor and the
+/// coefficients use f64 dot products of atoms, so results agree with `omp` up to f64 rounding.
 ///
 /// # Panics
 ///
@@ -307,19 +323,22 @@ pub fn omp_batch_with(
     // the budget, so that the other half carries columns over from earlier chunks.
     let column_bytes = dictionary.texts * std::mem::size_of::<f32>();
     let capacity = (options.gram_cache_bytes / column_bytes).max(1);
-    let pinned_per_target = m.saturating_sub(1).max(1);
+    let gram_steps = options.gram_steps_for(dictionary.dim);
+    let pinned_per_target = m.min(gram_steps).saturating_sub(1).max(1);
     let chunk = (capacity / (2 * pinned_per_target)).clamp(1, MAX_CHUNK);
 
     let mut cache = GramCache::new(dictionary.texts, capacity);
     let mut results = Vec::with_capacity(count);
     for (generation, chunk_targets) in targets.chunks(chunk * dictionary.dim).enumerate() {
-        results.extend(pursue_chunk(
+        let decompositions = pursue_chunk(
             dictionary,
             chunk_targets,
             m,
+            gram_steps,
             &mut cache,
             generation,
-        ));
+        );
+        results.extend(decompositions);
         progress(results.len());
     }
     results
@@ -349,6 +368,7 @@ fn pursue_chunk(
     dictionary: &Dictionary,
     targets: &[f32],
     m: usize,
+    gram_steps: usize,
     cache: &mut GramCache,
     generation: usize,
 ) -> Vec<Vec<(usize, f64)>> {
@@ -359,40 +379,74 @@ fn pursue_chunk(
     let target_correlations = matmul_transposed(&targets, count, &dictionary.atoms, texts, dim);
 
     let mut pursuits: Vec<Pursuit> = (0..count).map(|_| Pursuit::new(m)).collect();
-    loop {
-        let step = |((pursuit, correlations), target): ((&mut Pursuit, &[f64]), &[f64])| {
-            if !pursuit.is_finished() {
-                let atom = select_by_gram(pursuit, dictionary, target, correlations, cache);
-                pursuit.advance(dictionary, atom, correlations[atom]);
-            }
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        pursuits
-            .par_iter_mut()
-            .zip(target_correlations.par_chunks_exact(texts))
-            .zip(targets.par_chunks_exact(dim))
-            .for_each(step);
-        #[cfg(target_arch = "wasm32")]
-        pursuits
+    // Reused across steps: a fresh allocation of this size costs page faults at every step.
+    let mut residual_correlations = Vec::new();
+    for step in 0..m {
+        // The unfinished pursuits, each with its target and the target's correlations D y.
+        let mut active: Vec<(&mut Pursuit, &[f64], &[f64])> = pursuits
             .iter_mut()
-            .zip(target_correlations.chunks_exact(texts))
             .zip(targets.chunks_exact(dim))
-            .for_each(step);
-
-        // The next step needs the Gram columns of every atom that an unfinished pursuit selected.
-        let mut selected: Vec<usize> = pursuits
-            .iter()
-            .filter(|pursuit| !pursuit.is_finished())
-            .filter_map(|pursuit| pursuit.atoms.last().copied())
+            .zip(target_correlations.chunks_exact(texts))
+            .filter(|((pursuit, _), _)| !pursuit.is_finished())
+            .map(|((pursuit, target), correlations)| (pursuit, target, correlations))
             .collect();
-        if selected.is_empty() {
+        if active.is_empty() {
             break;
         }
-        selected.sort_unstable();
-        selected.dedup();
-        cache.insert(dictionary, &selected, generation);
+
+        if step < gram_steps {
+            for_each_parallel(&mut active, |(pursuit, target, correlations)| {
+                let atom = select_by_gram(pursuit, dictionary, target, correlations, cache);
+                pursuit.advance(dictionary, atom, correlations[atom]);
+            });
+        } else {
+            let residuals: Vec<f64> = active
+                .iter()
+                .flat_map(|(pursuit, target, _)| pursuit.residual(dictionary, target))
+                .collect();
+            residual_correlations.resize(active.len() * texts, 0.0);
+            matmul_transposed_into(
+                &residuals,
+                active.len(),
+                &dictionary.atoms,
+                texts,
+                dim,
+                &mut residual_correlations,
+            );
+            let mut work: Vec<_> = active
+                .into_iter()
+                .zip(residual_correlations.chunks_exact(texts))
+                .collect();
+            for_each_parallel(
+                &mut work,
+                |((pursuit, _, correlations), residual_correlations)| {
+                    let atom = pursuit.select(residual_correlations);
+                    pursuit.advance(dictionary, atom, correlations[atom]);
+                },
+            );
+        }
+
+        // A Gram step next needs the Gram columns of the atoms that unfinished pursuits selected.
+        if step + 1 < gram_steps.min(m) {
+            let mut selected: Vec<usize> = pursuits
+                .iter()
+                .filter(|pursuit| !pursuit.is_finished())
+                .filter_map(|pursuit| pursuit.atoms.last().copied())
+                .collect();
+            selected.sort_unstable();
+            selected.dedup();
+            cache.insert(dictionary, &selected, generation);
+        }
     }
     pursuits.into_iter().map(Pursuit::into_pairs).collect()
+}
+
+/// Applies `operation` to every item, on rayon's threads where there are threads.
+fn for_each_parallel<T: Send>(items: &mut [T], operation: impl Fn(&mut T) + Sync + Send) {
+    #[cfg(not(target_arch = "wasm32"))]
+    items.par_iter_mut().for_each(operation);
+    #[cfg(target_arch = "wasm32")]
+    items.iter_mut().for_each(operation);
 }
 
 /// Selects the next atom of `pursuit` for `target`. Computes the correlations `D y - G[:, S] γ`
@@ -513,9 +567,23 @@ fn subtract_columns(block: &mut [f64], columns: &[&[f32]], coefficients: &[f64],
 /// Computes `A Bᵀ` for row-major `a` `[rows_a, inner]` and `b` `[rows_b, inner]`, returning
 /// `[rows_a, rows_b]` row-major.
 fn matmul_transposed(a: &[f64], rows_a: usize, b: &[f64], rows_b: usize, inner: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows_a * rows_b];
+    matmul_transposed_into(a, rows_a, b, rows_b, inner, &mut out);
+    out
+}
+
+/// Computes `A Bᵀ` like `matmul_transposed`, into `out` `[rows_a, rows_b]`.
+fn matmul_transposed_into(
+    a: &[f64],
+    rows_a: usize,
+    b: &[f64],
+    rows_b: usize,
+    inner: usize,
+    out: &mut [f64],
+) {
     assert_eq!(a.len(), rows_a * inner, "left operand shape");
     assert_eq!(b.len(), rows_b * inner, "right operand shape");
-    let mut out = vec![0.0f64; rows_a * rows_b];
+    assert_eq!(out.len(), rows_a * rows_b, "output shape");
     #[cfg(not(target_arch = "wasm32"))]
     let parallelism = gemm::Parallelism::Rayon(0);
     #[cfg(target_arch = "wasm32")]
@@ -545,7 +613,6 @@ fn matmul_transposed(a: &[f64], rows_a: usize, b: &[f64], rows_b: usize, inner: 
             parallelism,
         );
     }
-    out
 }
 
 /// Gram columns of selected atoms, in f32, evicted least recently used first once the cache
@@ -556,6 +623,8 @@ struct GramCache {
     last_used: Vec<usize>,
     len: usize,
     capacity: usize,
+    /// f64 products before rounding, reused to avoid page faults on a fresh allocation per step.
+    products: Vec<f64>,
 }
 
 impl GramCache {
@@ -565,6 +634,7 @@ impl GramCache {
             last_used: vec![0; texts],
             len: 0,
             capacity,
+            products: Vec::new(),
         }
     }
 
@@ -597,7 +667,16 @@ impl GramCache {
             .copied()
             .collect();
         // Row i is G[:, missing[i]] because G is symmetric.
-        let products = matmul_transposed(&rows, missing.len(), &dictionary.atoms, texts, dim);
+        self.products.resize(missing.len() * texts, 0.0);
+        let products = &mut self.products;
+        matmul_transposed_into(
+            &rows,
+            missing.len(),
+            &dictionary.atoms,
+            texts,
+            dim,
+            products,
+        );
         for (&atom, column) in missing.iter().zip(products.chunks_exact(texts)) {
             self.columns[atom] = Some(column.iter().map(|&v| v as f32).collect());
         }

@@ -281,13 +281,14 @@ fn omp_batch_matches_sklearn() {
 
 #[test]
 fn omp_batch_with_small_cache_matches_sklearn() {
-    // Room for 40 Gram columns: every chunk contains one target, and columns are evicted and
-    // recomputed across chunks.
+    // Room for 40 Gram columns and all 32 steps from Gram columns: every chunk contains one
+    // target, and columns are evicted and recomputed across chunks.
     let dictionary = authors_dictionary();
     let targets = fixture("targets.npy");
     let count = targets.shape[0];
     let options = OmpOptions {
         gram_cache_bytes: 40 * dictionary.texts() * 4,
+        gram_steps: Some(32),
     };
     let chunks = AtomicUsize::new(0);
     let progress = |_: usize| {
@@ -302,6 +303,26 @@ fn omp_batch_with_small_cache_matches_sklearn() {
     let expected = sklearn_decompositions(32);
     for (t, decomposition) in actual.iter().enumerate() {
         assert_matches_sklearn("omp_batch small cache", t, decomposition, &expected[t]);
+    }
+}
+
+#[test]
+fn omp_batch_matches_sklearn_for_any_gram_steps() {
+    // 0: every step multiplies residuals with the dictionary; 32: every step uses Gram columns.
+    let dictionary = authors_dictionary();
+    let targets = fixture("targets.npy");
+    let count = targets.shape[0];
+    let expected = sklearn_decompositions(32);
+    for gram_steps in [0, 1, 2, 7, 31, 32] {
+        let options = OmpOptions {
+            gram_steps: Some(gram_steps),
+            ..OmpOptions::default()
+        };
+        let actual = omp_batch_with(&dictionary, &targets.data, count, 32, &options, &|_| {});
+        for (t, decomposition) in actual.iter().enumerate() {
+            let label = format!("omp_batch with {gram_steps} Gram steps");
+            assert_matches_sklearn(&label, t, decomposition, &expected[t]);
+        }
     }
 }
 
@@ -365,21 +386,35 @@ fn pursuit_stops_when_pool_is_used_up() {
 
 #[test]
 fn omp_batch_agrees_with_omp_on_larger_pool() {
-    // The fixture pool with m = 60 of its 64 dimensions, so late steps have small correlations.
+    // The fixture pool with m = 60 of its 64 dimensions, so late steps have small correlations
+    // and the f32 Gram columns alone would pick a different atom for target 4 at one step.
     let dictionary = authors_dictionary();
     let targets = fixture("targets.npy");
     let dim = dictionary.dim();
     let count = 10;
-    let batch = omp_batch(
-        &dictionary,
-        &targets.data[..count * dim],
-        count,
-        60,
-        &|_| {},
-    );
-    for (t, target) in targets.data.chunks_exact(dim).take(count).enumerate() {
-        let single = omp(&dictionary, target, 60);
-        assert_matches_sklearn("omp_batch against omp, m = 60", t, &batch[t], &single);
+    let singles: Vec<_> = targets
+        .data
+        .chunks_exact(dim)
+        .take(count)
+        .map(|target| omp(&dictionary, target, 60))
+        .collect();
+    for gram_steps in [None, Some(60)] {
+        let options = OmpOptions {
+            gram_steps,
+            ..OmpOptions::default()
+        };
+        let batch = omp_batch_with(
+            &dictionary,
+            &targets.data[..count * dim],
+            count,
+            60,
+            &options,
+            &|_| {},
+        );
+        for (t, single) in singles.iter().enumerate() {
+            let label = format!("omp_batch with {gram_steps:?} Gram steps against omp, m = 60");
+            assert_matches_sklearn(&label, t, &batch[t], single);
+        }
     }
 }
 
