@@ -302,6 +302,10 @@ pub fn omp_batch(
 /// of all targets in the chunk with one f64 matrix product. The Cholesky factor and the
 /// coefficients use f64 dot products of atoms, so results agree with `omp` up to f64 rounding.
 ///
+/// NOTE: once `dim` atoms are selected the residual is rounding noise, and further atoms (for
+/// `m > dim`) depend on that noise. They can then differ from `omp`, as both can from
+/// scikit-learn.
+///
 /// # Panics
 ///
 /// Panics if `targets` does not have `count × dim` finite values.
@@ -744,7 +748,8 @@ struct Pursuit {
     atoms: Vec<usize>,
     /// The two column positions that each selection swapped.
     swaps: Vec<(usize, usize)>,
-    /// Lower-triangular factor L with L Lᵀ = Gram matrix of the selected atoms, `[limit, limit]`.
+    /// Lower-triangular factor L with L Lᵀ = Gram matrix of the selected atoms, packed by rows:
+    /// row i contains L[i, 0..=i] from offset i (i + 1) / 2.
     factor: Vec<f64>,
     /// Correlations of the selected atoms with the target.
     target_correlations: Vec<f64>,
@@ -756,10 +761,10 @@ impl Pursuit {
     fn new(limit: usize) -> Self {
         Pursuit {
             limit,
-            atoms: Vec::with_capacity(limit),
-            swaps: Vec::with_capacity(limit),
-            factor: vec![0.0; limit * limit],
-            target_correlations: Vec::with_capacity(limit),
+            atoms: Vec::new(),
+            swaps: Vec::new(),
+            factor: Vec::new(),
+            target_correlations: Vec::new(),
             coefficients: Vec::new(),
             stopped: limit == 0,
         }
@@ -798,27 +803,26 @@ impl Pursuit {
             return;
         }
 
+        // Row k of L: w solving L[:k, :k] w = (d_s · d_atom) over the selected atoms s, then the
+        // pivot sqrt(|d_atom|² - |w|²).
         let squared_norm = dictionary.squared_norms[atom];
-        if k == 0 {
-            self.factor[0] = squared_norm.sqrt();
-        } else {
-            // Row k of L solves L[:k, :k] w = (d_s · d_atom) over the selected atoms s.
-            let (done, row) = self.factor.split_at_mut(k * self.limit);
-            let row = &mut row[..k];
-            for (w, &selected) in row.iter_mut().zip(&self.atoms) {
-                *w = dot(dictionary.atom(selected), dictionary.atom(atom));
-            }
-            for i in 0..k {
-                let sum: f64 = (0..i).map(|j| done[i * self.limit + j] * row[j]).sum();
-                row[i] = (row[i] - sum) / done[i * self.limit + i];
-            }
-            let pivot = squared_norm - row.iter().map(|w| w * w).sum::<f64>();
-            if pivot <= EPSILON {
-                self.stopped = true;
-                return;
-            }
-            self.factor[k * self.limit + k] = pivot.sqrt();
+        let mut row: Vec<f64> = self
+            .atoms
+            .iter()
+            .map(|&s| dot(dictionary.atom(s), dictionary.atom(atom)))
+            .collect();
+        for i in 0..k {
+            let sum: f64 = (0..i).map(|j| self.lower(i, j) * row[j]).sum();
+            row[i] = (row[i] - sum) / self.lower(i, i);
         }
+        let pivot = squared_norm - row.iter().map(|w| w * w).sum::<f64>();
+        // scikit-learn checks the pivot only from the second atom on.
+        if k > 0 && pivot <= EPSILON {
+            self.stopped = true;
+            return;
+        }
+        row.push(pivot.sqrt());
+        self.factor.extend(row);
 
         let position = self.position(atom);
         self.swaps.push((k, position));
@@ -830,7 +834,7 @@ impl Pursuit {
     /// Solves L Lᵀ γ = (D y)[selected] by forward and back substitution.
     fn solve(&mut self) {
         let n = self.atoms.len();
-        let l = |i: usize, j: usize| self.factor[i * self.limit + j];
+        let l = |i: usize, j: usize| self.lower(i, j);
         let mut z = self.target_correlations.clone();
         for i in 0..n {
             let sum: f64 = (0..i).map(|j| l(i, j) * z[j]).sum();
@@ -841,6 +845,11 @@ impl Pursuit {
             z[i] = (z[i] - sum) / l(i, i);
         }
         self.coefficients = z;
+    }
+
+    /// Returns L[i, j] for j <= i.
+    fn lower(&self, i: usize, j: usize) -> f64 {
+        self.factor[i * (i + 1) / 2 + j]
     }
 
     /// Computes the residual `target - Σ_s γ_s d_s` of the current coefficients.
