@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building, serving and testing need on a fresh Debian machine, skipping what is
 # already there: Debian's Chromium (browser tests), Mesa's lavapipe Vulkan driver (native GPU
-# tests without a GPU), binaryen (wasm-opt), the wasm32 Rust target, trunk, and the
+# tests without a GPU), the wasm32 Rust target, trunk, and the
 # wasm-bindgen CLI at the version Cargo.lock pins. Pass --no-browser to skip Chromium.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(mesa-vulkan-drivers libvulkan1 binaryen)
+packages=(mesa-vulkan-drivers libvulkan1)
 if [[ "${1:-}" != "--no-browser" ]]; then
   packages+=(chromium chromium-driver)
 fi

@@ -2,10 +2,12 @@
 # Serves the page for development at http://127.0.0.1:8080/ with `trunk serve`, which rebuilds
 # on every change. Generates the embedded default model first if public/models/default is missing.
 #
-# Needs trunk, wasm-bindgen-cli at the version Cargo.lock gives wasm-bindgen, wasm-opt, and the
-# wasm32-unknown-unknown target (see README).
+# Installs what it needs first (scripts/install-deps.sh without the browser): the wasm32 target,
+# trunk, and wasm-bindgen-cli at the version Cargo.lock gives wasm-bindgen.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh --no-browser
 
 MODEL_DIR=public/models/default
 if [[ ! -f "$MODEL_DIR/config.json" ]]; then

@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 
-# One build serves both: the command line enables the engine's wgpu feature, so the CPU tests
-# and the wgpu tests (engine/tests/wgpu_backend.rs) compile and run together.
+# The engine builds with its wgpu feature by default, so the CPU tests and the wgpu tests
+# (engine/tests/wgpu_backend.rs) compile once and run together.
 echo "== engine and command line: CPU backend, and wgpu over Vulkan"
-cargo test --release --workspace --exclude app --features engine/wgpu
+cargo test --release --workspace --exclude app
 
 echo "== page in Chromium with WebGPU"
 scripts/e2e.sh
