@@ -1,6 +1,8 @@
 //! The clip-lens page: drop images, run CLIP on the visitor's GPU through WebGPU, and list the MLP
 //! neurons with the largest second-order effect on each image's embedding.
 
+mod atlas;
+mod cache;
 mod fetch;
 mod gpu;
 mod heatmap;
@@ -14,12 +16,35 @@ use leptos::prelude::*;
 
 use route::Route;
 use state::AppState;
-use views::{Alerts, DropZone, Header, NeuronPage, Results};
+use views::{Alerts, DropZone, Header, NeuronPage, Results, SearchPage};
 
 fn main() {
-    console_error_panic_hook::set_once();
+    std::panic::set_hook(Box::new(|info| {
+        console_error_panic_hook::hook(info);
+        show_panic(&info.to_string());
+    }));
     let _ = console_log::init_with_level(log::Level::Info);
     leptos::mount::mount_to_body(App);
+}
+
+/// Puts a panic message on the page. A panic leaves the WebAssembly instance unusable, so this
+/// writes to the DOM directly instead of going through the reactive state.
+fn show_panic(message: &str) {
+    let Some(document) = web_sys::window().and_then(|window| window.document()) else { return };
+    let (Some(body), Ok(alert)) = (document.body(), document.create_element("div")) else { return };
+    alert.set_class_name("alert panic");
+    let _ = alert.set_attribute("role", "alert");
+    alert.set_text_content(Some(&format!(
+        "The page stopped after an internal error ({message}). Reload the page to continue."
+    )));
+    let _ = body.prepend_with_node_1(&alert);
+}
+
+/// The page's CLIP tokenizer for scripts and tests: `window.wasmBindings.clipLensTokenize(text)`
+/// returns the ids that open_clip's tokenizer gives, without the zero padding.
+#[wasm_bindgen::prelude::wasm_bindgen(js_name = clipLensTokenize)]
+pub fn clip_lens_tokenize(text: &str) -> Result<Vec<u32>, wasm_bindgen::JsValue> {
+    session::tokenize(text).map_err(|reason| wasm_bindgen::JsValue::from_str(&reason))
 }
 
 fn current_hash() -> String {
@@ -62,6 +87,7 @@ fn App() -> impl IntoView {
         }
         .into_any(),
         Route::Neuron { layer, index } => view! { <NeuronPage layer=layer index=index /> }.into_any(),
+        Route::Search(query) => view! { <SearchPage query=query /> }.into_any(),
         Route::InvalidNeuron(hash) => view! {
             <section class="neuron-page">
                 <p class="notice invalid-neuron" role="alert">

@@ -1,6 +1,7 @@
 //! Hash routes. The page is static, so every view lives after `#` and permalinks work on any
 //! host without server rewrites: `#/` lists the loaded images, `#/neuron/<layer>/<index>` shows
-//! one MLP neuron.
+//! one MLP neuron, `#/search/<query>` the neurons that match a concept (the query
+//! percent-encoded).
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -10,6 +11,8 @@ pub enum Route {
     Neuron { layer: usize, index: usize },
     /// A `#/neuron/...` address whose layer or index is not a whole number, with the hash.
     InvalidNeuron(String),
+    /// Neurons matching a concept, with the decoded query.
+    Search(String),
     /// Any other hash, which it contains.
     Unknown(String),
 }
@@ -24,6 +27,12 @@ impl Route {
             return Route::Home;
         }
 
+        if path == "search" {
+            return Route::Search(String::new());
+        }
+        if let Some(query) = path.strip_prefix("search/") {
+            return Route::Search(decode_component(query));
+        }
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {
             ["neuron", layer, index] => match (parse_count(layer), parse_count(index)) {
@@ -45,6 +54,45 @@ fn parse_count(text: &str) -> Option<usize> {
     text.parse().ok()
 }
 
+/// Decodes percent-encoding; malformed escapes and invalid UTF-8 are kept as they are, so any
+/// address gives some query.
+pub fn decode_component(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_string())
+}
+
+/// Percent-encodes everything but ASCII letters, digits and `-._~`.
+pub fn encode_component(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Returns the link to the search for `query`.
+pub fn search_href(query: &str) -> String {
+    format!("#/search/{}", encode_component(query))
+}
+
 /// Returns the link to a neuron's page.
 pub fn neuron_href(layer: usize, index: usize) -> String {
     format!("#/neuron/{layer}/{index}")
@@ -53,6 +101,15 @@ pub fn neuron_href(layer: usize, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn searches_round_trip() {
+        for query in ["dog", "hot dog", "café", "a/b%c#d", "狗", "🐕", ""] {
+            assert_eq!(Route::parse(&search_href(query)), Route::Search(query.to_string()), "{query:?}");
+        }
+        assert_eq!(Route::parse("#/search/%zz%4"), Route::Search("%zz%4".into()));
+        assert_eq!(Route::parse("#/search/%FF"), Route::Search("%FF".into()));
+    }
 
     #[test]
     fn empty_hashes_are_home() {

@@ -15,10 +15,16 @@ use leptos::task::spawn_local;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
-use engine::analysis::Analyzer;
+use engine::analysis::{read, Analyzer};
+use engine::assets::{self as atlas_files, AtlasBlock, Manifest};
+use engine::atlas::{BlockMeans, BlockShape};
 use engine::image::{preprocess, RgbImage};
 use engine::lens::default_layers;
-use engine::weights::load_clip;
+use engine::text::{load_text, TextTransformer};
+use engine::tokenizer::ClipTokenizer;
+use engine::weights::{load_clip, WeightFile};
+use crate::atlas::Atlas;
+use crate::cache::{self, Expected, Source};
 use crate::fetch::{self, FetchError};
 use crate::gpu::{self, Backend};
 use crate::ranking::format_megabytes;
@@ -32,12 +38,24 @@ use crate::state::{
 pub const MAX_IMAGE_BYTES: u64 = 50 * 1024 * 1024;
 
 /// The model directory bundled with the site, relative to the page.
-pub const DEFAULT_MODEL_URL: &str = "models/default/";
+pub const DEFAULT_MODEL_URL: &str = "public/models/default/";
 
 /// Config file names tried in order: Hugging Face and plain open_clip exports use the first,
 /// open_clip's hub layout the second.
 const CONFIG_FILES: [&str; 2] = ["config.json", "open_clip_config.json"];
 const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "open_clip_model.safetensors"];
+
+/// The atlas of a model directory lives in this subdirectory.
+const ATLAS_DIR: &str = "atlas/";
+
+/// CLIP's tokenizer, bundled with the site (every published CLIP uses the same one).
+const TOKENIZER_URL: &str = "clip-tokenizer.json";
+
+/// The text side, for searching neurons by the embedding of a typed concept.
+struct TextSide {
+    tower: TextTransformer,
+    tokenizer: ClipTokenizer,
+}
 
 struct StoredImage {
     id: u64,
@@ -49,6 +67,7 @@ struct StoredImage {
 struct Session {
     backend: Option<Backend>,
     analyzer: Option<Rc<Analyzer>>,
+    text: Option<Rc<TextSide>>,
     generation: u64,
     images: Vec<StoredImage>,
     next_image_id: u64,
@@ -186,14 +205,20 @@ async fn load_model(state: AppState, input: String) {
     let result = load_model_inner(&url, &progress).await;
     state.loading.set(None);
     match result {
-        Ok((analyzer, info)) => {
+        Ok(Loaded { analyzer, info, text, atlas, notes }) => {
             log::info!("model ready: {} ({})", info.url, info.summary());
             let generation = info.generation;
             SESSION.with(|session| {
                 let mut session = session.borrow_mut();
                 session.analyzer = Some(Rc::new(analyzer));
+                session.text = text.map(Rc::new);
                 session.generation = generation;
             });
+            state.text_ready.set(SESSION.with(|session| session.borrow().text.is_some()));
+            state.atlas.set(atlas.map(Arc::new));
+            for note in notes {
+                state.alert(note);
+            }
             if !info.is_default || query_model_url().is_some() {
                 remember_model_in_address(&info);
             }
@@ -210,19 +235,50 @@ async fn load_model(state: AppState, input: String) {
     }
 }
 
+/// A model ready to use, with what came with it.
+struct Loaded {
+    analyzer: Analyzer,
+    info: ModelInfo,
+    text: Option<TextSide>,
+    atlas: Option<Atlas>,
+    /// Problems that left the model usable (a broken atlas, a missing text tower), for alerts.
+    notes: Vec<String>,
+}
+
 async fn load_model_inner(
     url: &str,
     progress: &impl Fn(LoadStage, u64, Option<u64>),
-) -> Result<(Analyzer, ModelInfo), String> {
+) -> Result<Loaded, String> {
+    let mut notes = Vec::new();
     progress(LoadStage::DownloadingConfig, 0, None);
     let (config_name, config_json) = fetch_first(url, &CONFIG_FILES, |_, _| {}).await?;
-    let (weights_name, weights) = fetch_first(url, &WEIGHT_FILES, |received, total| {
-        progress(LoadStage::DownloadingWeights, received, total)
-    })
-    .await?;
     let config_json = String::from_utf8(config_json)
         .map_err(|err| format!("{config_name} is not UTF-8 text ({err})"))?;
-    log::info!("downloaded {config_name} and {weights_name} ({})", format_megabytes(weights.len() as u64));
+
+    // The atlas manifest names the weights by hash, which lets them come from Cache Storage.
+    let atlas_url = format!("{url}{ATLAS_DIR}");
+    let mut manifest = match load_manifest(&atlas_url).await {
+        Ok(manifest) => manifest,
+        Err(reason) => {
+            notes.push(format!(
+                "The atlas at {atlas_url} could not be used: {reason}. The page works without \
+                 it: neurons are listed by effect norm, without texts, classes or significance."
+            ));
+            None
+        }
+    };
+
+    let expected = manifest.as_ref().map(|manifest| manifest.model.weights_sha256.clone());
+    let (weights_name, weights, weights_verified) =
+        fetch_weights(url, expected.as_deref(), |received, total| {
+            progress(LoadStage::DownloadingWeights, received, total)
+        })
+        .await?;
+    if let (Some(reason), Some(_)) = (weights_verified.err(), manifest.as_ref()) {
+        notes.push(format!("The atlas at {atlas_url} is not used: {reason}."));
+        manifest = None;
+    }
+    log::info!("have {config_name} and {weights_name} ({})", format_megabytes(weights.len() as u64));
 
     // Only one model load or analysis touches the device at a time.
     let lock = gpu_lock();
@@ -235,13 +291,51 @@ async fn load_model_inner(
     yield_to_browser().await;
     let source_name = format!("{url}{weights_name}");
     let model = load_clip(&config_json, &weights, &source_name, &device).map_err(|err| err.to_string())?;
+    let config = model.config.clone();
+    let text = match load_text_side(&weights, &source_name, &config, &device).await {
+        Ok(text) => Some(text),
+        Err(reason) => {
+            log::warn!("searching by text embedding is unavailable: {reason}");
+            None
+        }
+    };
     drop(weights);
+
+    let atlas = match manifest {
+        Some(manifest) => match load_atlas(&atlas_url, manifest, &config, progress).await {
+            Ok(atlas) => Some(atlas),
+            Err(reason) => {
+                notes.push(format!(
+                    "The atlas at {atlas_url} could not be loaded: {reason}. The page works \
+                     without it: neurons are listed by effect norm, without texts, classes or \
+                     significance."
+                ));
+                None
+            }
+        },
+        None => None,
+    };
 
     progress(LoadStage::BuildingLensBasis, 0, None);
     yield_to_browser().await;
-    let config = model.config.clone();
-    let layers = default_layers(config.vision.layers);
-    let analyzer = Analyzer::new(model, layers.clone()).map_err(|err| err.to_string())?;
+    let layers = match &atlas {
+        Some(atlas) => atlas.manifest.layers(),
+        None => default_layers(config.vision.layers),
+    };
+    let mut analyzer = Analyzer::new(model, layers.clone()).map_err(|err| err.to_string())?;
+    if let Some(atlas) = &atlas {
+        for block in atlas.blocks.values() {
+            let shape = BlockShape {
+                layer: block.layer,
+                pairs: block.pairs,
+                neurons: block.neurons,
+                embed_dim: block.embed_dim,
+            };
+            let means = BlockMeans::new(shape, block.mean_coefficients.clone(), block.mean_shared.clone())
+                .map_err(|err| err.to_string())?;
+            analyzer.set_statistics(means, block.threshold.clone()).map_err(|err| err.to_string())?;
+        }
+    }
 
     progress(LoadStage::WarmingUp, 0, None);
     yield_to_browser().await;
@@ -266,7 +360,161 @@ async fn load_model_inner(
         embed_dim: config.embed_dim,
         layers,
     };
-    Ok((analyzer, info))
+    Ok(Loaded { analyzer, info, text, atlas, notes })
+}
+
+/// Reads `manifest.json` of the atlas directory; `Ok(None)` when the model has no atlas.
+async fn load_manifest(atlas_url: &str) -> Result<Option<Manifest>, String> {
+    let Some(bytes) = cache::fetch_fresh(&format!("{atlas_url}{}", "manifest.json")).await? else {
+        return Ok(None);
+    };
+    let json = String::from_utf8(bytes).map_err(|err| format!("manifest.json is not UTF-8 text ({err})"))?;
+    Manifest::parse(&json).map(Some).map_err(|err| err.to_string())
+}
+
+/// Downloads the weights: through Cache Storage, verified against `expected_sha256` when the
+/// atlas gives one, else plainly. The third value tells whether the hash matched.
+async fn fetch_weights(
+    dir: &str,
+    expected_sha256: Option<&str>,
+    mut on_progress: impl FnMut(u64, Option<u64>),
+) -> Result<(String, Vec<u8>, Result<(), String>), String> {
+    let Some(sha256) = expected_sha256 else {
+        let (name, bytes) = fetch_first(dir, &WEIGHT_FILES, on_progress).await?;
+        return Ok((name, bytes, Err("the model has no atlas".into())));
+    };
+    for name in WEIGHT_FILES {
+        let url = format!("{dir}{name}");
+        let expected = Expected::Sha256 { name, sha256 };
+        match cache::fetch_verified(&url, expected, &mut on_progress).await {
+            Ok((bytes, source)) => {
+                if source == Source::Cache {
+                    log::info!("{url} came from Cache Storage");
+                }
+                return Ok((name.to_string(), bytes, Ok(())));
+            }
+            Err(cache::Failure::Fetch(FetchError::NotFound { .. })) => continue,
+            Err(cache::Failure::Fetch(err)) => return Err(err.to_string()),
+            Err(cache::Failure::Mismatch { bytes, reason }) => {
+                return Ok((name.to_string(), bytes, Err(reason)));
+            }
+        }
+    }
+    Err(format!("none of {} was found in {dir}", WEIGHT_FILES.join(", ")))
+}
+
+/// Loads the text tower from the weights and the bundled tokenizer.
+async fn load_text_side(
+    weights: &[u8],
+    source_name: &str,
+    config: &engine::ClipConfig,
+    device: &engine::Device,
+) -> Result<TextSide, String> {
+    let file = WeightFile::parse(weights, source_name).map_err(|err| err.to_string())?;
+    let tower = load_text(&file, config, device).map_err(|err| err.to_string())?;
+    let bytes = fetch::fetch_bytes(TOKENIZER_URL, |_, _| {}).await.map_err(|err| err.to_string())?;
+    let tokenizer = ClipTokenizer::from_bytes(&bytes, TOKENIZER_URL)
+        .and_then(|tokenizer| tokenizer.with_context_length(config.text.context_length))
+        .map_err(|err| err.to_string())?;
+    Ok(TextSide { tower, tokenizer })
+}
+
+/// Downloads, verifies and decodes every file of the atlas.
+async fn load_atlas(
+    atlas_url: &str,
+    manifest: Manifest,
+    config: &engine::ClipConfig,
+    progress: &impl Fn(LoadStage, u64, Option<u64>),
+) -> Result<Atlas, String> {
+    let model = &manifest.model;
+    if model.neurons != config.vision.mlp_dim
+        || model.embed_dim != config.embed_dim
+        || model.layers != config.vision.layers
+    {
+        return Err(format!(
+            "it was built for a model with {} blocks of {} neurons and a {}-dimensional \
+             embedding, but this model has {} blocks of {} neurons and a {}-dimensional embedding",
+            model.layers,
+            model.neurons,
+            model.embed_dim,
+            config.vision.layers,
+            config.vision.mlp_dim,
+            config.embed_dim
+        ));
+    }
+    if let Some(block) = manifest.blocks.iter().find(|block| block.layer + 1 >= config.vision.layers) {
+        return Err(format!("its block {} has no later block in this model", block.layer));
+    }
+
+    // images.txt is for the command line; the page does not need it.
+    let needed: Vec<_> = manifest.files.iter().filter(|entry| entry.path != manifest.images.file).collect();
+    let total: u64 = needed.iter().map(|entry| entry.bytes).sum();
+    let mut files = std::collections::HashMap::new();
+    let mut done = 0u64;
+    progress(LoadStage::DownloadingAtlas, 0, Some(total));
+    for entry in needed {
+        let url = format!("{atlas_url}{}", entry.path);
+        let (bytes, _) = cache::fetch_verified(&url, Expected::Entry(entry), |received, _| {
+            progress(LoadStage::DownloadingAtlas, done + received, Some(total))
+        })
+        .await
+        .map_err(|err| err.to_string())?;
+        done += entry.bytes;
+        files.insert(entry.path.clone(), bytes);
+    }
+    progress(LoadStage::DownloadingAtlas, total, Some(total));
+
+    let mut take = |path: &str| -> engine::Result<Vec<u8>> {
+        files.remove(path).ok_or_else(|| engine::EngineError::Input(format!("{path} was not downloaded")))
+    };
+    let mut blocks = std::collections::BTreeMap::new();
+    for layer in manifest.layers() {
+        let block = AtlasBlock::decode(&manifest, layer, &mut take).map_err(|err| err.to_string())?;
+        blocks.insert(layer, block);
+    }
+    let lines = |info_file: &str, take: &mut dyn FnMut(&str) -> engine::Result<Vec<u8>>| {
+        let entry = manifest.file(info_file)?;
+        atlas_files::decode_lines(entry, &take(info_file)?)
+    };
+    let vocabulary = lines(&manifest.vocabulary.file, &mut take).map_err(|err| err.to_string())?;
+    let classes = lines(&manifest.classes.file, &mut take).map_err(|err| err.to_string())?;
+    let embeddings_entry = manifest.file(VOCABULARY_EMBEDDINGS).map_err(|err| err.to_string())?;
+    let vocabulary_embeddings = atlas_files::decode_f16(embeddings_entry, &take(VOCABULARY_EMBEDDINGS).map_err(|err| err.to_string())?)
+        .map_err(|err| err.to_string())?;
+    Ok(Atlas {
+        manifest,
+        blocks,
+        vocabulary,
+        classes,
+        vocabulary_embeddings,
+    })
+}
+
+/// Tokenizes `text` with the page's CLIP tokenizer (open_clip's ids without the zero padding).
+/// Fails before a model with a text tower has loaded.
+pub fn tokenize(text: &str) -> Result<Vec<u32>, String> {
+    let side = SESSION.with(|session| session.borrow().text.clone()).ok_or("the tokenizer is not loaded yet")?;
+    side.tokenizer.encode(text).map_err(|err| err.to_string())
+}
+
+/// The atlas file with the vocabulary's unit text embeddings.
+const VOCABULARY_EMBEDDINGS: &str = "vocabulary_embeddings.bin";
+
+/// Embeds a typed concept with the text tower, as a unit vector; `None` when the model has no
+/// usable text tower.
+pub async fn embed_query(query: String) -> Option<Result<Vec<f32>, String>> {
+    let text = SESSION.with(|session| session.borrow().text.clone())?;
+    let lock = gpu_lock();
+    let _guard = lock.lock().await;
+    let result = async {
+        let embedding = text
+            .tower
+            .embed_texts_normalized(&text.tokenizer, &[query.as_str()])
+            .map_err(|err| err.to_string())?;
+        read(embedding).await.map_err(|err| err.to_string())
+    }
+    .await;
+    Some(result)
 }
 
 /// Downloads the first of `names` under `dir` that exists. Only a 404 moves on to the next name;
@@ -405,7 +653,13 @@ async fn analyze_image(state: AppState, id: u64) {
 
     set_pending(state, id, &name, "analysing");
     yield_to_browser().await;
-    match run_analysis(&analyzer, &bytes).await {
+    let result = run_analysis(&analyzer, &bytes).await;
+    let still_stored = SESSION.with(|session| session.borrow().images.iter().any(|image| image.id == id));
+    if !still_stored {
+        // The image was removed while it was being analysed.
+        return;
+    }
+    match result {
         Ok((crop, layers)) => {
             let result = Arc::new(ImageResult {
                 id,
@@ -440,11 +694,7 @@ async fn run_analysis(
         return Err(format!("the engine returned {} analyses for one image", analyses.len()));
     }
     let analysis = analyses.remove(0);
-    let layers = analysis
-        .layers
-        .into_iter()
-        .map(|layer| LayerResult::new(layer.layer, layer.tokens, layer.neurons, layer.effect_norms, layer.mlp_post))
-        .collect();
+    let layers = analysis.layers.into_iter().map(LayerResult::new).collect();
     Ok((preprocessed.cropped, layers))
 }
 

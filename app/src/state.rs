@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use leptos::prelude::*;
 
+use engine::analysis::LayerAnalysis;
 use engine::image::RgbImage;
+use crate::atlas::Atlas;
 use crate::ranking;
 use crate::route::Route;
 
@@ -25,6 +27,11 @@ pub struct AppState {
     /// Images read but not analysed yet.
     pub pending: RwSignal<Vec<PendingImage>>,
     pub alerts: RwSignal<Vec<Alert>>,
+    /// The model's atlas, when it has one that loaded.
+    pub atlas: RwSignal<Option<Arc<Atlas>>>,
+    /// Whether the model's text tower and the tokenizer are loaded, for searching by text
+    /// embedding.
+    pub text_ready: RwSignal<bool>,
 }
 
 impl AppState {
@@ -37,6 +44,8 @@ impl AppState {
             images: RwSignal::new(Vec::new()),
             pending: RwSignal::new(Vec::new()),
             alerts: RwSignal::new(Vec::new()),
+            atlas: RwSignal::new(None),
+            text_ready: RwSignal::new(false),
         }
     }
 
@@ -115,6 +124,8 @@ pub enum LoadStage {
     DownloadingWeights,
     /// Parsing the safetensors file and copying the tensors to the device.
     LoadingWeights,
+    /// Downloading and verifying the atlas files.
+    DownloadingAtlas,
     BuildingLensBasis,
     /// A first forward pass on a blank image, which compiles the GPU kernels.
     WarmingUp,
@@ -127,6 +138,7 @@ impl LoadStage {
             LoadStage::DownloadingConfig => "downloading config",
             LoadStage::DownloadingWeights => "downloading weights",
             LoadStage::LoadingWeights => "copying weights to the device",
+            LoadStage::DownloadingAtlas => "downloading the neuron atlas",
             LoadStage::BuildingLensBasis => "building lens basis",
             LoadStage::WarmingUp => "warming up (compiling GPU kernels)",
         }
@@ -177,19 +189,32 @@ pub struct LayerResult {
     pub effect_norms: Vec<f32>,
     /// Post-activations, row-major `[tokens, neurons]`.
     pub mlp_post: Vec<f32>,
+    /// `|phi_n - b_n|` with the atlas's mean effects, when the model has an atlas.
+    pub centered_norms: Option<Vec<f32>>,
+    /// Whether the image is significant for each neuron (centered norm above the atlas's
+    /// threshold); empty without an atlas.
+    pub significant: Vec<bool>,
     /// The [`TOP_NEURONS`] largest effect norms as `(neuron, norm)`, largest first.
     pub top: Vec<(usize, f32)>,
 }
 
 impl LayerResult {
-    pub fn new(
-        layer: usize,
-        tokens: usize,
-        neurons: usize,
-        effect_norms: Vec<f32>,
-        mlp_post: Vec<f32>,
-    ) -> Self {
-        let top = ranking::top_neurons(&effect_norms, TOP_NEURONS);
-        Self { layer, tokens, neurons, effect_norms, mlp_post, top }
+    pub fn new(analysis: LayerAnalysis) -> Self {
+        let top = ranking::top_neurons(&analysis.effect_norms, TOP_NEURONS);
+        Self {
+            layer: analysis.layer,
+            tokens: analysis.tokens,
+            neurons: analysis.neurons,
+            effect_norms: analysis.effect_norms,
+            mlp_post: analysis.mlp_post,
+            centered_norms: analysis.centered_norms,
+            significant: analysis.significant,
+            top,
+        }
+    }
+
+    /// Returns whether the image is significant for `neuron` according to the atlas.
+    pub fn is_significant(&self, neuron: usize) -> bool {
+        self.significant.get(neuron).copied().unwrap_or(false)
     }
 }

@@ -1,7 +1,13 @@
 //! One call from CLIP-normalized pixels to what the page and the command line show per image:
-//! the embedding, and per analysed block the neurons' effect norms and post-activations.
+//! the embedding, and per analysed block the neurons' effect norms and post-activations, and,
+//! when an atlas gave the block's means and thresholds, each neuron's centered norm and whether
+//! the image is significant for it.
+
+use std::collections::BTreeMap;
 
 use burn::tensor::{Tensor, TensorData};
+
+use crate::atlas::{significance, BlockMeans};
 
 use crate::config::ClipConfig;
 use crate::error::{EngineError, Result};
@@ -18,6 +24,12 @@ pub struct LayerAnalysis {
     pub effect_norms: Vec<f32>,
     /// Post-activations `[tokens, neurons]`, row-major; token 0 is the class token.
     pub mlp_post: Vec<f32>,
+    /// `|phi_n - b_n|` for every neuron, with the atlas's mean effects `b_n`; `None` without
+    /// atlas statistics for the block.
+    pub centered_norms: Option<Vec<f32>>,
+    /// Whether each neuron's centered norm exceeds its atlas threshold; empty without atlas
+    /// statistics for the block.
+    pub significant: Vec<bool>,
 }
 
 /// Results for one image.
@@ -33,13 +45,47 @@ pub struct Analyzer {
     model: ClipModel,
     lens: Lens,
     layers: Vec<usize>,
+    /// Atlas means and thresholds per source block.
+    statistics: BTreeMap<usize, (BlockMeans, Vec<f32>)>,
 }
 
 impl Analyzer {
     /// Builds the lens basis for `layers` (once per model).
     pub fn new(model: ClipModel, layers: Vec<usize>) -> Result<Self> {
         let lens = Lens::new(&model.vision, &layers)?;
-        Ok(Analyzer { model, lens, layers })
+        Ok(Analyzer { model, lens, layers, statistics: BTreeMap::new() })
+    }
+
+    /// Gives the atlas's means and thresholds of one analysed block, so that
+    /// [`analyze`](Self::analyze) also returns centered norms and significance for it.
+    pub fn set_statistics(&mut self, means: BlockMeans, threshold: Vec<f32>) -> Result<()> {
+        let layer = means.shape.layer;
+        if !self.layers.contains(&layer) {
+            return Err(EngineError::Input(format!(
+                "the atlas has statistics for block {layer}, which the page does not analyse \
+                 (it analyses blocks {:?})",
+                self.layers
+            )));
+        }
+        let neurons = self.model.config.vision.mlp_dim;
+        if threshold.len() != neurons || means.shape.neurons != neurons {
+            return Err(EngineError::Input(format!(
+                "the atlas's block {layer} has {} neurons, the model {neurons}",
+                threshold.len()
+            )));
+        }
+        self.statistics.insert(layer, (means, threshold));
+        Ok(())
+    }
+
+    /// Forgets all atlas statistics.
+    pub fn clear_statistics(&mut self) {
+        self.statistics.clear();
+    }
+
+    /// Returns whether block `layer` has atlas statistics.
+    pub fn has_statistics(&self, layer: usize) -> bool {
+        self.statistics.contains_key(&layer)
     }
 
     pub fn layers(&self) -> &[usize] {
@@ -73,7 +119,13 @@ impl Analyzer {
             let coefficients = self.lens.coefficients(&output.embedding, recording, layer)?;
             let norms = read(self.lens.effect_norms(&coefficients)?).await?;
             let post = read(recording.mlp_post[&layer].clone()).await?;
-            per_layer.push((layer, norms, post));
+            let centered = match self.statistics.get(&layer) {
+                Some((means, threshold)) => {
+                    Some(significance(&self.lens, &coefficients, means, threshold).await?)
+                }
+                None => None,
+            };
+            per_layer.push((layer, norms, post, centered));
         }
         let embedding = read(output.embedding.clone()).await?;
 
@@ -83,12 +135,18 @@ impl Analyzer {
                 embedding: embedding[b * embed_dim..(b + 1) * embed_dim].to_vec(),
                 layers: per_layer
                     .iter()
-                    .map(|(layer, norms, post)| LayerAnalysis {
-                        layer: *layer,
-                        tokens,
-                        neurons,
-                        effect_norms: norms[b * neurons..(b + 1) * neurons].to_vec(),
-                        mlp_post: post[b * tokens * neurons..(b + 1) * tokens * neurons].to_vec(),
+                    .map(|(layer, norms, post, centered)| {
+                        let image = centered.as_ref().map(|images| &images[b]);
+                        LayerAnalysis {
+                            layer: *layer,
+                            tokens,
+                            neurons,
+                            effect_norms: norms[b * neurons..(b + 1) * neurons].to_vec(),
+                            mlp_post: post[b * tokens * neurons..(b + 1) * tokens * neurons]
+                                .to_vec(),
+                            centered_norms: image.map(|image| image.norms.clone()),
+                            significant: image.map(|image| image.significant.clone()).unwrap_or_default(),
+                        }
                     })
                     .collect(),
             })

@@ -167,6 +167,8 @@ describe('clip-lens page', () => {
     }
     const crop = card.locator('canvas.crop');
     assert.equal(await crop.count(), 1, 'the crop the model sees is drawn');
+    // The default model ships with an atlas, so each list explains the significance marks.
+    assert.equal(await card.locator('.layer .hint', { hasText: 'significant' }).count(), 3);
   });
 
   it('opens a neuron page from a bar', async () => {
@@ -182,11 +184,89 @@ describe('clip-lens page', () => {
     assert.equal(await page.locator('.effect-table td.effect-norm').first().textContent(), neuron.value);
     const heatmap = page.locator(`.heatmap[data-image-name="${photoName}"] canvas.heatmap-canvas`);
     assert.equal(await heatmap.count(), 1, 'a heatmap is drawn over the photograph');
+
+    // The atlas describes the neuron.
+    const summary = page.locator('.atlas-summary');
+    assert.equal(await summary.count(), 1, 'the atlas section is shown');
+    assert.ok(Number.isFinite(Number(await summary.locator('.threshold').textContent())), 'the threshold is a number');
+    assert.ok(Number(await summary.locator('.selectivity').textContent()) >= 1, 'selectivity is at least 1');
+    const terms = summary.locator('li.term');
+    assert.ok((await terms.count()) > 0, 'the neuron has texts');
+    const weights = await summary.locator('ol.positive li.term').evaluateAll((items) => items.map((item) => Number(item.dataset.weight)));
+    for (const weight of weights) {
+      assert.ok(weight > 0, 'positive texts have positive weights');
+    }
+    assert.deepEqual(weights, [...weights].sort((a, b) => b - a), 'positive texts are sorted, largest first');
+    const negative = await summary.locator('ol.negative li.term').evaluateAll((items) => items.map((item) => Number(item.dataset.weight)));
+    for (const weight of negative) {
+      assert.ok(weight < 0, 'negative texts have negative weights');
+    }
+    assert.equal(await summary.locator('.aligned-classes li').count(), 10, 'ten aligned classes');
+    neuron.term = await terms.first().locator('.term-text').textContent();
+    assert.ok(await page.locator('h3', { hasText: 'Your images it is significant for' }).count(), 'the significant images are listed');
   });
 
-  it('shows the neuron page again after a reload', async () => {
+  it('finds the neuron by searching for one of its texts', async () => {
+    const search = page.locator('#search-input');
+    await search.fill(neuron.term);
+    await page.locator('.search-form button[type="submit"]').click();
+    await page.waitForFunction(() => location.hash.startsWith('#/search/'));
+    const link = page.locator(`.term-hits a[href="${neuron.href}"]`);
+    // Term search lists at most 20 neurons, so the neuron is there unless 20 others use the
+    // same text with larger weights.
+    const hits = page.locator('.term-hits a.neuron-link');
+    await hits.first().waitFor();
+    assert.ok((await hits.count()) > 0, 'some neuron has the text');
+    if ((await hits.count()) < 20) {
+      assert.equal(await link.count(), 1, 'the neuron is among the hits');
+    }
+    // The direction search embeds the query with the text tower in the page.
+    const source = page.locator('.embedding-source');
+    await source.waitFor({ timeout: ANALYSIS_TIMEOUT_MS });
+    assert.equal(await source.getAttribute('data-source'), 'text tower');
+    assert.equal(await page.locator('.direction-hits a.neuron-link').count(), 20);
+
+    // The search permalink survives a reload.
+    const hash = await page.evaluate(() => location.hash);
     await page.reload();
     await waitForModel(page);
+    assert.equal(await page.evaluate(() => location.hash), hash);
+    await page.locator('.term-hits a.neuron-link').first().waitFor();
+    await page.locator('.embedding-source').waitFor({ timeout: ANALYSIS_TIMEOUT_MS });
+
+    // Nonsense queries give an answer, not an error.
+    await page.evaluate(() => { location.hash = '#/search/%FF%zz'; });
+    await page.locator('.search-page .term-hits.empty').waitFor();
+    await page.evaluate((href) => { location.hash = href; }, neuron.href);
+    await page.locator('#neuron-title').waitFor();
+  });
+
+  it('tokenizes as open_clip does', async () => {
+    const fixture = JSON.parse(fs.readFileSync(path.join(REPO_ROOT, 'fixtures/text/tokenizer_cases.json'), 'utf8'));
+    // ftfy's mojibake repair has no Rust port (engine/src/tokenizer.rs lists the differences).
+    const known = new Set(['x<<end_of_text>']);
+    const cases = fixture.cases.filter((c) => c.group !== 'mojibake' && !known.has(c.text));
+    assert.ok(cases.length > 300, 'hundreds of strings');
+    const results = await page.evaluate((texts) => texts.map((text) => {
+      try {
+        return Array.from(window.wasmBindings.clipLensTokenize(text));
+      } catch (error) {
+        return String(error);
+      }
+    }), cases.map((c) => c.text));
+    const wrong = cases.filter((c, i) => JSON.stringify(results[i]) !== JSON.stringify(c.ids));
+    assert.deepEqual(wrong.map((c) => c.text), [], 'every string gets open_clip\'s ids in the browser');
+  });
+
+  it('shows the neuron page again after a reload, from Cache Storage', async () => {
+    const before = requests.length;
+    await page.reload();
+    await waitForModel(page);
+    // The weights and the atlas tensors were verified and kept in Cache Storage on the first
+    // visit, so the reload does not download them again.
+    const downloaded = requests.slice(before).map((request) => request.url)
+      .filter((url) => url.endsWith('.safetensors') || url.endsWith('.bin'));
+    assert.deepEqual(downloaded, [], 'no weights or atlas tensors downloaded on reload');
     assert.equal(await page.locator('#neuron-title').textContent(), `Neuron ${neuron.index} of block ${neuron.layer}`);
     await page.locator('.no-images').waitFor();
     assert.equal(await page.locator('#file-input').count(), 1, 'the neuron page offers the drop zone');
@@ -279,11 +359,37 @@ describe('clip-lens page', () => {
     await tab.close();
   });
 
+  it('names a corrupted atlas file and keeps working without the atlas', async () => {
+    const tab = await context.newPage();
+    await tab.goto(new URL('clip-tokenizer.json', BASE_URL).href);
+    await tab.evaluate(() => caches.delete('clip-lens-assets-v1'));
+    await tab.route('**/atlas/block*/threshold.bin', async (route) => {
+      const response = await route.fetch();
+      const body = Buffer.from(await response.body());
+      body[0] ^= 0xff;
+      await route.fulfill({ response, body });
+    });
+    await tab.goto(BASE_URL);
+    await tab.waitForFunction(() => document.body.dataset.backend !== undefined, null, { timeout: MODEL_TIMEOUT_MS });
+    const alert = tab.locator('.alerts [role="alert"]', { hasText: 'threshold.bin' });
+    await alert.waitFor({ timeout: MODEL_TIMEOUT_MS });
+    assert.match(await alert.textContent(), /expected SHA-256/);
+    await tab.waitForFunction(() => !document.querySelector('.progress'), null, { timeout: MODEL_TIMEOUT_MS });
+    await tab.setInputFiles('#file-input', photoPath);
+    await resultCard(tab, photoName).waitFor({ timeout: ANALYSIS_TIMEOUT_MS });
+    assert.equal(await resultCard(tab, photoName).locator('a.neuron-bar').count(), 60, 'images are still analysed');
+    await tab.close();
+  });
+
   it('sends no image data over the network', () => {
     assert.ok(requests.length > 0, 'requests were recorded');
     const base = new URL(BASE_URL);
     for (const request of requests) {
       const url = new URL(request.url);
+      if (url.protocol === 'data:' || url.protocol === 'blob:') {
+        // Resolved inside the browser, without any network traffic.
+        continue;
+      }
       assert.equal(request.method, 'GET', `${request.url} is a GET`);
       assert.equal(request.bodyBytes, 0, `${request.url} carries no body`);
       assert.equal(url.host, base.host, `${request.url} goes to the test server only`);

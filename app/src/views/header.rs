@@ -6,6 +6,7 @@ use leptos::prelude::*;
 use crate::gpu::BackendKind;
 use crate::ranking::format_megabytes;
 use crate::session;
+use crate::route::{search_href, Route};
 use crate::state::{AppState, BackendStatus, LoadStage};
 
 #[component]
@@ -33,6 +34,7 @@ pub fn Header() -> impl IntoView {
                 </p>
             </details>
             <ModelStatus />
+            <SearchBox />
             <Progress />
         </header>
     }
@@ -87,8 +89,11 @@ fn ModelSettings() -> impl IntoView {
     view! {
         <details class="settings">
             <summary>"Use another model"</summary>
+            // novalidate: the browser's URL check rejects relative addresses such as
+            // models/mine/, which the page resolves against its own address.
             <form
                 class="model-form"
+                novalidate=true
                 on:submit=move |event| {
                     event.prevent_default();
                     load();
@@ -131,16 +136,17 @@ fn Progress() -> impl IntoView {
     let state = expect_context::<AppState>();
     move || {
         state.loading.get().map(|progress| {
-            let bytes = match (progress.stage, progress.total) {
-                (LoadStage::DownloadingWeights, Some(total)) => {
+            let counting = matches!(progress.stage, LoadStage::DownloadingWeights | LoadStage::DownloadingAtlas);
+            let bytes = match (counting, progress.total) {
+                (true, Some(total)) => {
                     format!("{} of {}", format_megabytes(progress.received), format_megabytes(total))
                 }
-                (LoadStage::DownloadingWeights, None) => format_megabytes(progress.received),
+                (true, None) => format_megabytes(progress.received),
                 _ => String::new(),
             };
             // The bar is determinate only while bytes are counted against a known total.
-            let fraction = match (progress.stage, progress.total) {
-                (LoadStage::DownloadingWeights, Some(total)) if total > 0 => {
+            let fraction = match (counting, progress.total) {
+                (true, Some(total)) if total > 0 => {
                     Some(progress.received as f64 / total as f64)
                 }
                 _ => None,
@@ -161,5 +167,40 @@ fn Progress() -> impl IntoView {
                 </div>
             }
         })
+    }
+}
+
+/// The concept search field; submitting opens `#/search/<query>`.
+#[component]
+fn SearchBox() -> impl IntoView {
+    let state = expect_context::<AppState>();
+    let query = RwSignal::new(match state.route.get_untracked() {
+        Route::Search(query) => query,
+        _ => String::new(),
+    });
+    view! {
+        <form
+            class="search-form"
+            role="search"
+            on:submit=move |event| {
+                event.prevent_default();
+                let text = query.get_untracked();
+                if !text.trim().is_empty() {
+                    if let Some(window) = web_sys::window() {
+                        let _ = window.location().set_hash(&search_href(text.trim()));
+                    }
+                }
+            }
+        >
+            <label for="search-input">"Find neurons for a concept"</label>
+            <input
+                id="search-input"
+                type="search"
+                placeholder="dog, stripes, water…"
+                prop:value=move || query.get()
+                on:input=move |event| query.set(event_target_value(&event))
+            />
+            <button type="submit">"Search"</button>
+        </form>
     }
 }

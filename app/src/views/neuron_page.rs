@@ -7,6 +7,7 @@ use super::canvas::PixelCanvas;
 use super::DropZone;
 use crate::heatmap::{blend_over, css_gradient, rgb_to_rgba};
 use crate::ranking::{finite_range, format_value, neuron_map, rank_of, NeuronMap};
+use crate::atlas::{Atlas, Term};
 use crate::state::{AppState, ImageResult, ModelInfo};
 
 #[component]
@@ -25,6 +26,8 @@ pub fn NeuronPage(layer: usize, index: usize) -> impl IntoView {
             }
             .into_any();
         }
+        let atlas = state.atlas.get();
+        let described = atlas_section(atlas.as_deref(), layer, index);
         let images = state.images.get();
         if images.is_empty() {
             let pending = !state.pending.get().is_empty();
@@ -34,12 +37,18 @@ pub fn NeuronPage(layer: usize, index: usize) -> impl IntoView {
                 "No images are loaded yet, so there is nothing to show for this neuron. Drop images here, or choose them, to see where it fires."
             };
             return view! {
+                {described}
                 <p class="notice no-images">{prompt}</p>
                 <DropZone prompt="Drop images here" />
             }
             .into_any();
         }
-        neuron_details(&model, &images, layer, index).into_any()
+        view! {
+            {described}
+            {significant_images(atlas.is_some(), &images, layer, index)}
+            {neuron_details(&model, &images, layer, index)}
+        }
+        .into_any()
     };
 
     view! {
@@ -180,4 +189,110 @@ fn neuron_details(model: &ModelInfo, images: &[std::sync::Arc<ImageResult>], lay
         </div>
         <div class="heatmaps">{heatmaps}</div>
     }
+}
+
+/// Renders the atlas's description of the neuron, or a note that the model has none.
+fn atlas_section(atlas: Option<&Atlas>, layer: usize, index: usize) -> AnyView {
+    let Some(atlas) = atlas else {
+        return view! {
+            <p class="notice no-atlas">
+                "This model has no neuron atlas, so the neuron has no texts, classes or                  significance threshold. Build one with clip-lens atlas."
+            </p>
+        }
+        .into_any();
+    };
+    let Some(summary) = atlas.neuron(layer, index) else {
+        return view! { <p class="notice no-atlas">{format!("The atlas does not cover block {layer}.")}</p> }.into_any();
+    };
+    let images = atlas.manifest.images.used;
+    let terms = |terms: Vec<Term>, class: &'static str, empty: &'static str| {
+        if terms.is_empty() {
+            return view! { <p class=format!("hint {class} empty")>{empty}</p> }.into_any();
+        }
+        let largest = terms.iter().map(|term| term.weight.abs()).fold(f32::MIN_POSITIVE, f32::max);
+        let items: Vec<_> = terms
+            .into_iter()
+            .map(|term| {
+                let percent = (100.0 * term.weight.abs() / largest).clamp(0.0, 100.0);
+                view! {
+                    <li class="term" data-weight=term.weight.to_string()>
+                        <span class="term-text">{term.text}</span>
+                        <span class="bar-track"><span class="bar" style=format!("width: {percent:.1}%")></span></span>
+                        <span class="term-weight number">{format_value(term.weight)}</span>
+                    </li>
+                }
+            })
+            .collect();
+        view! { <ol class=format!("terms {class}")>{items}</ol> }.into_any()
+    };
+    let classes: Vec<_> = summary
+        .classes
+        .iter()
+        .map(|(name, value)| view! { <li><span class="class-name">{name.clone()}</span>" "<span class="number">{format_value(*value)}</span></li> })
+        .collect();
+    view! {
+        <section class="atlas-summary">
+            <dl class="neuron-stats">
+                <dt>"Significance threshold"</dt>
+                <dd class="threshold number">{format_value(summary.threshold)}</dd>
+                <dt>"Selectivity"</dt>
+                <dd class="selectivity number">{format_value(summary.selectivity)}</dd>
+                <dt>"Variance explained by its direction"</dt>
+                <dd class="explained number">{format!("{:.1}%", 100.0 * summary.explained)}</dd>
+            </dl>
+            <p class="hint">
+                {format!(
+                    "From the atlas over {images} images: an image is significant for the neuron \
+                     when the norm of its effect minus the mean effect exceeds the threshold (the \
+                     {}th largest over the atlas images). Selectivity is the mean of those largest \
+                     norms over the mean norm; the direction is the first principal direction of \
+                     the top images' effects, described below by a sparse sum of texts.",
+                    atlas.manifest.k
+                )}
+            </p>
+            <div class="term-columns">
+                <div>
+                    <h3>"Texts with positive weight"</h3>
+                    {terms(summary.positive, "positive", "None.")}
+                </div>
+                <div>
+                    <h3>"Texts with negative weight"</h3>
+                    {terms(summary.negative, "negative", "None.")}
+                </div>
+            </div>
+            <h3>"Most aligned ImageNet classes"</h3>
+            <ol class="aligned-classes">{classes}</ol>
+        </section>
+    }
+    .into_any()
+}
+
+/// Lists the loaded images the neuron is significant for, largest centered norm first.
+fn significant_images(has_atlas: bool, images: &[std::sync::Arc<ImageResult>], layer: usize, index: usize) -> AnyView {
+    if !has_atlas {
+        return ().into_any();
+    }
+    let mut ranked: Vec<(String, f32)> = images
+        .iter()
+        .filter_map(|image| {
+            let result = image.layer(layer)?;
+            let norm = result.centered_norms.as_ref()?.get(index).copied()?;
+            result.is_significant(index).then(|| (image.name.clone(), norm))
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let body = if ranked.is_empty() {
+        view! { <p class="notice significant-images empty">"None of the loaded images is significant for this neuron."</p> }.into_any()
+    } else {
+        let items: Vec<_> = ranked
+            .into_iter()
+            .map(|(name, norm)| view! { <li><span class="image-name">{name}</span>" "<span class="number">{format_value(norm)}</span></li> })
+            .collect();
+        view! { <ol class="significant-images">{items}</ol> }.into_any()
+    };
+    view! {
+        <h3>"Your images it is significant for"</h3>
+        {body}
+    }
+    .into_any()
 }

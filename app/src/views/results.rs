@@ -69,6 +69,7 @@ fn ImageCard(image: Arc<ImageResult>) -> impl IntoView {
 }
 
 fn layer_bars(layer: &LayerResult) -> impl IntoView {
+    let has_atlas = layer.centered_norms.is_some();
     // Bars are scaled to the block's largest norm, so their lengths compare within one list.
     let largest = layer.top.first().map_or(0.0, |(_, norm)| *norm).max(f32::MIN_POSITIVE);
     let block = layer.layer;
@@ -77,9 +78,18 @@ fn layer_bars(layer: &LayerResult) -> impl IntoView {
         .iter()
         .map(|&(neuron, norm)| {
             let percent = (100.0 * norm / largest).clamp(0.0, 100.0);
+            let significant = layer.is_significant(neuron);
+            let title = if significant {
+                format!("Open neuron {neuron} of block {block} (significant for this image)")
+            } else {
+                format!("Open neuron {neuron} of block {block}")
+            };
             view! {
-                <li>
-                    <a class="neuron-bar" href=neuron_href(block, neuron) title=format!("Open neuron {neuron} of block {block}")>
+                <li class:significant=significant>
+                    <a class="neuron-bar" href=neuron_href(block, neuron) title=title>
+                        <span class="significance" aria-label=if significant { "significant" } else { "" }>
+                            {if significant { "\u{25cf}" } else { "" }}
+                        </span>
                         <span class="neuron-index">{format!("#{neuron}")}</span>
                         <span class="bar-track">
                             <span class="bar" style=format!("width: {percent:.1}%")></span>
@@ -98,6 +108,9 @@ fn layer_bars(layer: &LayerResult) -> impl IntoView {
                 {format!("Top {} of {} neurons by effect norm", layer.top.len().min(TOP_NEURONS), layer.neurons)}
             </p>
             <ol class="neuron-list">{bars}</ol>
+            {has_atlas.then(|| view! {
+                <p class="hint">"\u{25cf} marks the neurons this image is significant for (above the atlas threshold)."</p>
+            })}
         </section>
     }
 }
