@@ -27,10 +27,14 @@ fn help_lists_subcommands() {
     let output = clip_lens(&["--help"]);
     assert!(output.status.success());
     let help = text(&output.stdout);
-    for command in ["preprocess", "embed", "effects", "bench", "random-model"] {
+    let commands = [
+        "preprocess", "embed", "effects", "bench", "bench-omp", "bench-text", "random-model",
+        "atlas", "atlas-merge", "tokenize", "embed-text",
+    ];
+    for command in commands {
         assert!(help.contains(command), "--help does not list {command}:\n{help}");
     }
-    for command in ["preprocess", "embed", "effects", "bench", "random-model"] {
+    for command in commands {
         let output = clip_lens(&[command, "--help"]);
         assert!(output.status.success(), "{command} --help failed");
     }
@@ -136,4 +140,47 @@ fn errors_go_to_stderr_with_failure() {
     let output = clip_lens(&["random-model", "--preset", "nope", "--out", dir.join("x").to_str().unwrap()]);
     assert!(!output.status.success());
     assert!(text(&output.stderr).contains("unknown preset"), "{}", text(&output.stderr));
+}
+
+#[test]
+fn tokenize_prints_open_clip_ids() {
+    // The ids of open_clip 3.3.0's tokenizer for this string, from fixtures/text/tokenizer_cases.json.
+    let model = fixtures().join("models/openclip-quickgelu");
+    let output = clip_lens(&["tokenize", "--model", model.to_str().unwrap(), "--text", "A PHOTO OF A DOG"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), "49406 320 1125 539 320 1929 49407");
+}
+
+#[test]
+fn embed_text_writes_unit_rows() {
+    let dir = temp_dir("embed-text");
+    let model = dir.join("model");
+    let output = clip_lens(&["random-model", "--preset", "tiny", "--seed", "5", "--out", model.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let texts = dir.join("texts.txt");
+    std::fs::write(&texts, "a photo of a dog\nstripes\ndog\n").unwrap();
+
+    let all = dir.join("all.npy");
+    let output = clip_lens(&["embed-text", "--model", model.to_str().unwrap(), "--file", texts.to_str().unwrap(), "--out", all.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let all = engine::npy::read(&all).unwrap();
+    assert_eq!(all.shape.len(), 2);
+    assert_eq!(all.shape[0], 3, "one row per line");
+    let d = all.shape[1];
+    for row in all.data.chunks(d) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        // Unit length up to f32 rounding.
+        assert!((norm - 1.0).abs() < 1e-5, "row norm {norm}");
+    }
+
+    // The same text alone gives the same row: batching and length sorting change nothing
+    // beyond f32 rounding (1e-5 absolute on unit vectors).
+    let one = dir.join("one.npy");
+    let output = clip_lens(&["embed-text", "--model", model.to_str().unwrap(), "--text", "dog", "--out", one.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let one = engine::npy::read(&one).unwrap();
+    assert_eq!(one.shape, vec![1, d]);
+    for (a, b) in one.data.iter().zip(&all.data[2 * d..]) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
 }
