@@ -234,7 +234,7 @@ describe('clip-lens page', () => {
     await page.locator('.term-hits a.neuron-link').first().waitFor();
     await page.locator('.embedding-source').waitFor({ timeout: ANALYSIS_TIMEOUT_MS });
 
-    // Nonsense queries give an answer, not an error.
+    // A malformed query shows an empty result, not an error.
     await page.evaluate(() => { location.hash = '#/search/%FF%zz'; });
     await page.locator('.search-page .term-hits.empty').waitFor();
     await page.evaluate((href) => { location.hash = href; }, neuron.href);
