@@ -112,6 +112,15 @@ impl<'a> WeightFile<'a> {
                 )))
             }
         };
+        let values: Vec<f32> = values;
+        // Also catches f64 values beyond f32's range, which become infinite above.
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(EngineError::Weights(format!(
+                "{}: tensor '{full}' has the non-finite value {} at flat index {index}; the \
+                 weights are corrupt",
+                self.file, values[index]
+            )));
+        }
         Ok(values)
     }
 }

@@ -150,3 +150,22 @@ fn model_dir_round_trip_and_errors() {
     let error = load_model_dir(Path::new("/nonexistent/model"), &Device::flex()).unwrap_err().to_string();
     assert!(error.contains("no model config found"), "{error}");
 }
+
+#[test]
+fn non_finite_weight_is_named() {
+    let config = ClipConfig::preset("tiny").unwrap();
+    let mut model = generate(&config, 27, Naming::OpenAi, StorageType::F32).unwrap();
+    // Overwrite the first value of visual.proj with NaN, at the offset the safetensors header
+    // gives (an 8-byte header length, the JSON header, then the data).
+    let bytes = &mut model.safetensors;
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = header["visual.proj"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + header_len;
+    bytes[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+
+    let error = load_clip(&model.config_json, &model.safetensors, "model.safetensors", &Device::flex())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("'visual.proj' has the non-finite value NaN at flat index 0"), "{error}");
+    assert!(error.contains("model.safetensors"), "{error}");
+}
