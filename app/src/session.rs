@@ -215,6 +215,8 @@ async fn load_model(state: AppState, input: String) {
                 session.generation = generation;
             });
             state.text_ready.set(SESSION.with(|session| session.borrow().text.is_some()));
+            // Every note is about the atlas, so the first one explains why there is none.
+            state.atlas_problem.set(if atlas.is_none() { notes.first().cloned() } else { None });
             state.atlas.set(atlas.map(Arc::new));
             for note in notes {
                 state.alert(note);

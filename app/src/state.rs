@@ -29,6 +29,8 @@ pub struct AppState {
     pub alerts: RwSignal<Vec<Alert>>,
     /// The model's atlas, when it has one that loaded.
     pub atlas: RwSignal<Option<Arc<Atlas>>>,
+    /// The reason the model's atlas was not used, when it has one that failed to load.
+    pub atlas_problem: RwSignal<Option<String>>,
     /// Whether the model's text tower and the tokenizer are loaded, for searching by text
     /// embedding.
     pub text_ready: RwSignal<bool>,
@@ -45,6 +47,7 @@ impl AppState {
             pending: RwSignal::new(Vec::new()),
             alerts: RwSignal::new(Vec::new()),
             atlas: RwSignal::new(None),
+            atlas_problem: RwSignal::new(None),
             text_ready: RwSignal::new(false),
         }
     }

@@ -174,9 +174,13 @@ fn Progress() -> impl IntoView {
 #[component]
 fn SearchBox() -> impl IntoView {
     let state = expect_context::<AppState>();
-    let query = RwSignal::new(match state.route.get_untracked() {
-        Route::Search(query) => query,
-        _ => String::new(),
+    let query = RwSignal::new(String::new());
+    // The field shows the query of the search page on screen, also when it was opened from a
+    // permalink or the browser's history.
+    Effect::new(move |_| {
+        if let Route::Search(current) = state.route.get() {
+            query.set(current);
+        }
     });
     view! {
         <form

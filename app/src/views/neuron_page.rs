@@ -27,7 +27,7 @@ pub fn NeuronPage(layer: usize, index: usize) -> impl IntoView {
             .into_any();
         }
         let atlas = state.atlas.get();
-        let described = atlas_section(atlas.as_deref(), layer, index);
+        let described = atlas_section(atlas.as_deref(), state.atlas_problem.get(), layer, index);
         let images = state.images.get();
         if images.is_empty() {
             let pending = !state.pending.get().is_empty();
@@ -192,8 +192,11 @@ fn neuron_details(model: &ModelInfo, images: &[std::sync::Arc<ImageResult>], lay
 }
 
 /// Renders the atlas's description of the neuron, or a note that the model has none.
-fn atlas_section(atlas: Option<&Atlas>, layer: usize, index: usize) -> AnyView {
+fn atlas_section(atlas: Option<&Atlas>, problem: Option<String>, layer: usize, index: usize) -> AnyView {
     let Some(atlas) = atlas else {
+        if let Some(problem) = problem {
+            return view! { <p class="notice no-atlas">{problem}</p> }.into_any();
+        }
         return view! {
             <p class="notice no-atlas">
                 "This model has no neuron atlas, so the neuron has no texts, classes or                  significance threshold. Build one with clip-lens atlas."
@@ -292,6 +295,11 @@ fn significant_images(has_atlas: bool, images: &[std::sync::Arc<ImageResult>], l
     };
     view! {
         <h3>"Your images it is significant for"</h3>
+        <p class="hint">
+            "Ranked by centered norm: the norm of the neuron's effect on the image minus its mean \
+             effect over the atlas images, the quantity the threshold applies to (the table below \
+             shows the plain effect norm)."
+        </p>
         {body}
     }
     .into_any()

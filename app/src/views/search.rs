@@ -65,10 +65,13 @@ pub fn SearchPage(query: String) -> impl IntoView {
         }
         let Some(atlas) = state.atlas.get() else {
             let reason = if state.model.get().is_none() {
-                "The search runs once the model and its atlas have loaded."
+                "The search runs once the model and its atlas have loaded.".to_string()
+            } else if let Some(problem) = state.atlas_problem.get() {
+                problem
             } else {
                 "This model has no neuron atlas, so there are no neuron texts or directions to search. \
                  Build one with `clip-lens atlas` and serve it in the model directory's atlas/ folder."
+                    .to_string()
             };
             return view! { <p class="notice no-atlas">{reason}</p> }.into_any();
         };
