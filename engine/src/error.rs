@@ -12,12 +12,10 @@ pub enum EngineError {
     Image(String),
     #[error("{0}")]
     Input(String),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The message includes the I/O error, so `source()` does not return it. Otherwise a caller
+    /// that prints the whole chain, such as anyhow's `{:#}`, would show it twice.
+    #[error("{context}: {error}")]
+    Io { context: String, error: std::io::Error },
     #[error("device error: {0}")]
     Device(String),
 }
@@ -25,7 +23,7 @@ pub enum EngineError {
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 impl EngineError {
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        EngineError::Io { context: context.into(), source }
+    pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
+        EngineError::Io { context: context.into(), error }
     }
 }
