@@ -75,6 +75,18 @@ impl ImageNet {
                 imagenet.templates.len()
             )));
         }
+        // Class names are stored one per line (classes.txt of an atlas).
+        if let Some(index) = imagenet
+            .classes
+            .iter()
+            .position(|name| name.contains(['\n', '\r']))
+        {
+            return Err(EngineError::Input(format!(
+                "ImageNet metadata: class {index} ({:?}) contains a line break; class names must \
+                 fit on one line",
+                imagenet.classes[index]
+            )));
+        }
         if let Some(template) = imagenet
             .templates
             .iter()
@@ -157,6 +169,15 @@ mod tests {
             br#"{"classes": ["tench"], "templates": ["a photo"], "source": "", "license": ""}"#;
         let error = ImageNet::from_json(json).unwrap_err().to_string();
         assert!(error.contains("\"a photo\""), "{error}");
+    }
+
+    #[test]
+    fn imagenet_rejects_line_break_in_class() {
+        let json = br#"{"classes": ["dog", "a\nb"], "templates": ["{}"], "source": "", "license": ""}"#;
+        let error = ImageNet::from_json(json).unwrap_err().to_string();
+        assert!(error.contains("class 1"), "{error}");
+        let json = br#"{"classes": ["a\rb"], "templates": ["{}"], "source": "", "license": ""}"#;
+        assert!(ImageNet::from_json(json).is_err());
     }
 
     #[test]
