@@ -240,14 +240,29 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn read_config(dir: &Path) -> Result<ClipConfig> {
-    let (config_path, _) = engine::weights::model_dir_files(dir)?;
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    ClipConfig::from_json(&text).with_context(|| format!("in {}", config_path.display()))
+/// Finds the config and the weights file of a model directory, with a clear error when the
+/// directory is missing.
+pub fn model_dir_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    if !dir.exists() {
+        bail!("{} does not exist; --model needs a model directory (config.json and one .safetensors file)", dir.display());
+    }
+    Ok(engine::weights::model_dir_files(dir)?)
 }
 
+/// Reads and parses the config of a model directory.
+pub fn read_config(dir: &Path) -> Result<ClipConfig> {
+    let (config_path, _) = model_dir_files(dir)?;
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    ClipConfig::from_json(&text).with_context(|| config_path.display().to_string())
+}
+
+/// Loads a model directory. The config is parsed here first because the engine's own error for
+/// an invalid config repeats the "invalid model config" prefix.
 pub fn load_model(dir: &Path, device: &Device) -> Result<ClipModel> {
+    // NOTE: engine::weights::load_model_dir and engine::text::load_text_from_dir still repeat
+    // that prefix for their other callers.
+    read_config(dir)?;
     Ok(engine::weights::load_model_dir(dir, device)?)
 }
 

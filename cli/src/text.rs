@@ -42,16 +42,9 @@ pub fn load_tokenizer(model_dir: &Path, config: &ClipConfig) -> Result<ClipToken
     Ok(tokenizer.with_context_length(config.text.context_length)?)
 }
 
-fn read_config(model_dir: &Path) -> Result<ClipConfig> {
-    let (config_path, _) = engine::weights::model_dir_files(model_dir)?;
-    let text = std::fs::read_to_string(&config_path)
-        .with_context(|| format!("cannot read {}", config_path.display()))?;
-    ClipConfig::from_json(&text).with_context(|| format!("in {}", config_path.display()))
-}
-
 /// Prints the token ids of `text` on one line: start id, word ids, end id, without padding.
 pub fn tokenize(model_dir: &Path, text: &str) -> Result<()> {
-    let config = read_config(model_dir)?;
+    let config = crate::read_config(model_dir)?;
     let tokenizer = load_tokenizer(model_dir, &config)?;
     let ids = tokenizer.encode(text)?;
     let line: Vec<String> = ids.iter().map(u32::to_string).collect();
@@ -72,7 +65,7 @@ pub fn embed_text(model_dir: &Path, input: &TextInput, device: &Device, out: &Pa
         (None, None) => anyhow::bail!("give --text TEXT or --file FILE"),
     };
 
-    let config = read_config(model_dir)?;
+    let config = crate::read_config(model_dir)?;
     let tokenizer = load_tokenizer(model_dir, &config)?;
     let started = Instant::now();
     let tower = engine::text::load_text_from_dir(model_dir, device)?;
@@ -81,7 +74,8 @@ pub fn embed_text(model_dir: &Path, input: &TextInput, device: &Device, out: &Pa
     let started = Instant::now();
     let embeddings = tower.embed_texts_normalized(&tokenizer, &texts)?;
     let values = crate::host(embeddings)?;
-    log_stage(&format!("embedded {} texts", texts.len()), started);
+    let noun = if texts.len() == 1 { "text" } else { "texts" };
+    log_stage(&format!("embedded {} {noun}", texts.len()), started);
 
     let array = Array::new(vec![texts.len(), tower.embed_dim()], values);
     npy::write(out, &array)?;

@@ -184,3 +184,42 @@ fn embed_text_writes_unit_rows() {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 }
+
+#[test]
+fn model_and_output_errors_read_once() {
+    let dir = temp_dir("model-errors");
+    let model = dir.join("model");
+    assert!(clip_lens(&["random-model", "--preset", "tiny", "--out", model.to_str().unwrap()]).status.success());
+
+    // The OS error appears once, not again from the error's source.
+    let output = clip_lens(&["embed-text", "--model", model.to_str().unwrap(), "--text", "dog", "--out", "/nonexistent/dir/o.npy"]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("cannot create /nonexistent/dir/o.npy"), "{stderr}");
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
+    assert!(stderr.contains("embedded 1 text in"), "{stderr}");
+
+    let bad = dir.join("m_badjson");
+    std::fs::create_dir_all(&bad).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, bad.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(bad.join("config.json"), "{").unwrap();
+    for command in [&["embed", "--image", "x.png", "--out", "/dev/null"][..], &["tokenize", "--text", "dog"][..]] {
+        let mut args = vec![command[0], "--model", bad.to_str().unwrap()];
+        args.extend(&command[1..]);
+        let output = clip_lens(&args);
+        assert!(!output.status.success());
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains("config.json: invalid model config: config is not valid JSON"), "{stderr}");
+        assert_eq!(stderr.matches("invalid model config").count(), 1, "{stderr}");
+    }
+
+    let missing = dir.join("no-such-model");
+    let output = clip_lens(&["tokenize", "--model", missing.to_str().unwrap(), "--text", "dog"]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("no-such-model does not exist"), "{stderr}");
+    assert!(!stderr.contains("no model config found"), "{stderr}");
+}
