@@ -145,6 +145,13 @@ impl AtlasArgs {
         if self.templates == Some(0) {
             bail!("--templates must be at least 1");
         }
+        if let Some(layers) = &self.layers {
+            for (i, layer) in layers.iter().enumerate() {
+                if layers[..i].contains(layer) {
+                    bail!("--layers: block {layer} is given twice");
+                }
+            }
+        }
 
         let stage = self.stage;
         let only = |given: bool, option: &str, stages: &str| -> Result<()> {
@@ -197,7 +204,7 @@ impl Setup {
         let images_sha256 = engine::assets::sha256_hex(&engine::assets::encode_lines(&paths));
 
         let (device, device_name) = init_device(&args.device)?;
-        let (_, weights_path) = engine::weights::model_dir_files(&args.model)?;
+        let (_, weights_path) = crate::model_dir_files(&args.model)?;
         let weights = std::fs::read(&weights_path).with_context(|| format!("cannot read {}", weights_path.display()))?;
         let weights_sha256 = engine::assets::sha256_hex(&weights);
         drop(weights);
@@ -205,8 +212,8 @@ impl Setup {
 
         let total = model.config.vision.layers;
         let mut layers = args.layers.clone().unwrap_or_else(|| default_layers(total));
+        // `validate` has rejected duplicate blocks.
         layers.sort_unstable();
-        layers.dedup();
         if layers.is_empty() {
             bail!("a {total}-block model has no block with a later block to analyse");
         }
@@ -254,6 +261,12 @@ fn init_device(args: &DeviceArgs) -> Result<(Device, String)> {
 pub fn run(args: AtlasArgs) -> Result<()> {
     let started = Instant::now();
     args.validate()?;
+    // The classes and the vocabulary are needed only at the end, but reading them first finds a
+    // bad file before the passes over the images.
+    let texts = match args.stage {
+        Stage::All | Stage::Finish => Some(output::TextInputs::read(&args)?),
+        Stage::Means | Stage::Top => None,
+    };
     let setup = Setup::new(&args)?;
     let shard = args.shard.unwrap_or(Shard::WHOLE);
     let mut timings = Timings::default();
@@ -300,43 +313,65 @@ pub fn run(args: AtlasArgs) -> Result<()> {
                 bail!("{} keeps k = {} top images, but --k is {}; pass --k {}", path.display(), top.k, args.k, top.k);
             }
             top.coverage.require_complete("--stage finish").with_context(|| format!("in {}", path.display()))?;
-            output::prepare_directory(&args.out)?;
-            output::write_atlas(&setup, &args, &top, &mut timings, started)?;
+            let texts = texts.expect("read for --stage finish");
+            let created = output::prepare_directory(&args.out)?;
+            let result = output::write_atlas(&setup, &args, texts, &top, &mut timings, started);
+            if result.is_err() && created {
+                // Removes the directory only when nothing was written into it.
+                let _ = std::fs::remove_dir(&args.out);
+            }
+            result?;
         }
         Stage::All => {
             let listed = setup.paths.len();
             if listed < args.k {
                 bail!("found {listed} images under {}, fewer than --k {}; lower --k", args.images.display(), args.k);
             }
-            output::prepare_directory(&args.out)?;
-            let temporary = args.cache.is_none() && !args.no_cache;
-            let cache = match (&args.cache, args.no_cache) {
-                (Some(path), _) => Some(path.clone()),
-                (None, false) => Some(args.out.join(TEMPORARY_CACHE)),
-                (None, true) => None,
-            };
-            let means = pass_one(&setup, args.batch, Shard::WHOLE, cache.as_deref(), &mut timings)?;
-            let used = means.coverage.images;
-            if used < args.k as u64 {
-                if let (true, Some(path)) = (temporary, &cache) {
-                    let _ = std::fs::remove_file(path);
-                }
-                bail!("only {used} of {listed} images could be read, fewer than --k {}; lower --k", args.k);
-            }
-            let block_means = means.means()?;
-            let skipped = means.coverage.skipped.clone();
-            let result = pass_two(&setup, args.batch, args.k, Shard::WHOLE, block_means, cache.as_deref(), skipped, &mut timings);
-            if let (true, Some(path)) = (temporary, &cache) {
-                if let Err(e) = std::fs::remove_file(path) {
-                    eprintln!("cannot remove the temporary cache {}: {e}", path.display());
-                }
-            }
-            let top = result?;
-            output::write_atlas(&setup, &args, &top, &mut timings, started)?;
+            let texts = texts.expect("read for --stage all");
+            run_all(&setup, &args, texts, &mut timings, started)?;
         }
     }
     timings.print(started);
     Ok(())
+}
+
+/// Runs both passes and writes the atlas (`--stage all`). On failure it removes the temporary
+/// coefficient cache, and the output directory when it created it and nothing else was written.
+fn run_all(setup: &Setup, args: &AtlasArgs, texts: output::TextInputs, timings: &mut Timings, started: Instant) -> Result<()> {
+    let created = output::prepare_directory(&args.out)?;
+    let temporary = args.cache.is_none() && !args.no_cache;
+    let cache = match (&args.cache, args.no_cache) {
+        (Some(path), _) => Some(path.clone()),
+        (None, false) => Some(args.out.join(TEMPORARY_CACHE)),
+        (None, true) => None,
+    };
+    let result = run_passes(setup, args, cache.as_deref(), timings);
+    if let (true, Some(path)) = (temporary, &cache) {
+        if path.exists() {
+            if let Err(e) = std::fs::remove_file(path) {
+                eprintln!("cannot remove the temporary cache {}: {e}", path.display());
+            }
+        }
+    }
+    let result = result.and_then(|top| output::write_atlas(setup, args, texts, &top, timings, started));
+    if result.is_err() && created {
+        // Removes the directory only when nothing was written into it.
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    result
+}
+
+/// Runs pass 1 and pass 2 over all images.
+fn run_passes(setup: &Setup, args: &AtlasArgs, cache: Option<&Path>, timings: &mut Timings) -> Result<TopState> {
+    let listed = setup.paths.len();
+    let means = pass_one(setup, args.batch, Shard::WHOLE, cache, timings)?;
+    let used = means.coverage.images;
+    if used < args.k as u64 {
+        bail!("only {used} of {listed} images could be read, fewer than --k {}; lower --k", args.k);
+    }
+    let block_means = means.means()?;
+    let skipped = means.coverage.skipped.clone();
+    pass_two(setup, args.batch, args.k, Shard::WHOLE, block_means, cache, skipped, timings)
 }
 
 /// Fails when a partial file was computed for another model, image list or block list.
@@ -492,10 +527,11 @@ fn pass_one(
     if let Some(writer) = writer {
         writer.finish()?;
     }
+    let skipped_count = skipped.len();
     for image in skipped {
         state.skip(image);
     }
-    log_pass("pass 1 (means)", count, started);
+    log_pass("pass 1 (means)", count, skipped_count, started);
     timings.record("pass 1", started);
     Ok(state)
 }
@@ -549,14 +585,19 @@ fn pass_two(
         }
     }
     bar.finish_and_clear();
-    log_pass("pass 2 (top images)", count, started);
+    log_pass("pass 2 (top images)", count, state.coverage.skipped.len(), started);
     timings.record("pass 2", started);
     Ok(state)
 }
 
-fn log_pass(pass: &str, images: usize, started: Instant) {
+/// Logs a pass over `files` image files, of which `skipped` could not be read.
+fn log_pass(pass: &str, files: usize, skipped: usize, started: Instant) {
     let seconds = started.elapsed().as_secs_f64();
-    eprintln!("{pass}: {images} images in {seconds:.1} s ({:.1} images/s)", images as f64 / seconds.max(1e-9));
+    let images = files - skipped;
+    eprintln!(
+        "{pass}: {images} images in {seconds:.1} s ({:.1} images/s), {skipped} of {files} files skipped",
+        images as f64 / seconds.max(1e-9)
+    );
 }
 
 fn read_partial(path: &Path) -> Result<Partial> {

@@ -252,3 +252,87 @@ fn atlas_stage_errors_explain_the_fix() {
     assert!(!output.status.success());
     assert!(text(&output.stderr).contains("contains no atlas"), "{}", text(&output.stderr));
 }
+
+/// Runs `clip-lens atlas` with `options` and expects it to fail before pass 1 without creating
+/// `out`. Returns stderr.
+fn fails_before_pass_one(options: &[&str], out: &Path) -> String {
+    let mut args = vec!["atlas", "--out", s(out)];
+    args.extend(options);
+    let output = clip_lens(&args);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded:\n{stderr}");
+    assert!(!stderr.contains("pass 1"), "{args:?} ran pass 1 before failing:\n{stderr}");
+    assert!(!out.exists(), "{args:?} left {} behind", out.display());
+    stderr
+}
+
+#[test]
+fn atlas_checks_options_before_pass_one() {
+    let inputs = inputs("early");
+    let write = |name: &str, contents: &str| {
+        let path = inputs.dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    };
+    let empty = write("empty.txt", "");
+    let short = write("short.txt", "cat\ndog\n");
+    let bad_json = write("bad.json", r#"{"classes": ["#);
+    let no_slot = write("no-slot.json", r#"{"classes": ["dog"], "templates": ["a photo"], "source": "", "license": ""}"#);
+    let no_classes = write("no-classes.json", r#"{"classes": [], "templates": ["{}"], "source": "", "license": ""}"#);
+    let line_break = write("line-break.json", r#"{"classes": ["dog", "a\nb"], "templates": ["{}"], "source": "", "license": ""}"#);
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--templates", "81"], "built-in assets/imagenet.json has only 80 templates"),
+        (vec!["--vocabulary", s(&empty)], "no descriptions"),
+        (vec!["--vocabulary", s(&short), "--terms", "4"], "has 2 texts, fewer than --terms 4"),
+        (vec!["--classes", s(&bad_json)], "invalid JSON"),
+        (vec!["--classes", s(&no_slot)], "exactly one `{}`"),
+        (vec!["--classes", s(&no_classes)], "0 classes"),
+        (vec!["--classes", s(&line_break)], "class 1 (\"a\\nb\") contains a line break"),
+        (vec!["--shard", "0/2"], "--shard applies only to --stage means and top"),
+        (vec!["--layers", "2,1,1"], "block 1 is given twice"),
+    ];
+    let out = inputs.dir.join("atlas");
+    for (options, expected) in cases {
+        let mut args = vec!["--model", s(&inputs.model), "--images", s(&inputs.images), "--k", "3"];
+        args.extend(options);
+        let stderr = fails_before_pass_one(&args, &out);
+        assert!(stderr.contains(expected), "{args:?}: expected {expected:?} in\n{stderr}");
+    }
+}
+
+#[test]
+fn atlas_removes_out_after_failed_pass() {
+    let inputs = inputs("failed-pass");
+    let out = inputs.dir.join("atlas");
+    let mut args = vec!["atlas"];
+    args.extend(common(&inputs, "9"));
+    args.extend(["--out", s(&out)]);
+    let output = clip_lens(&args);
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("only 8 of 9 images could be read"), "{}", text(&output.stderr));
+    assert!(!out.exists(), "{} was left behind", out.display());
+}
+
+#[test]
+fn atlas_warns_on_duplicates_and_counts_skips() {
+    let inputs = inputs("duplicates");
+    let words = "cat\ndog\ncat\ntree\ndog\ncat\n";
+    std::fs::write(&inputs.vocabulary, words).unwrap();
+    let json = serde_json::json!({
+        "classes": ["tabby cat", "sailboat", "tabby cat", "beach"],
+        "templates": ["a photo of a {}."],
+        "source": "written for this test",
+        "license": "none needed",
+    });
+    std::fs::write(&inputs.classes, json.to_string()).unwrap();
+    let out = inputs.dir.join("atlas");
+    let output = atlas(&inputs, &["--out", s(&out)]);
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("contains 1 duplicate class name, the first is \"tabby cat\""), "{stderr}");
+    assert!(stderr.contains("contains 3 duplicate texts, the first is \"cat\""), "{stderr}");
+    // Pass 1 counts only the images it read: one of the nine files is broken.
+    assert!(stderr.contains("pass 1 (means): 8 images in"), "{stderr}");
+    assert!(stderr.contains("1 of 9 files skipped"), "{stderr}");
+    assert_eq!(read_manifest(&out).classes.count, 4);
+}

@@ -25,10 +25,11 @@ const TEXTS_PER_CALL: usize = 1024;
 
 /// Makes `dir` ready for a new atlas: creates it, or empties an existing atlas there (the files
 /// its manifest lists). Any other non-empty directory is rejected, so that no unrelated file is
-/// overwritten.
-pub fn prepare_directory(dir: &Path) -> Result<()> {
+/// overwritten. Returns whether it created `dir`.
+pub fn prepare_directory(dir: &Path) -> Result<bool> {
     if !dir.exists() {
-        return std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()));
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        return Ok(true);
     }
     if !dir.is_dir() {
         bail!("{} exists and is not a directory; --out needs a directory for the atlas", dir.display());
@@ -51,13 +52,13 @@ pub fn prepare_directory(dir: &Path) -> Result<()> {
             let _ = std::fs::remove_dir(dir.join(format!("block{}", block.layer)));
         }
         std::fs::remove_file(&manifest_path).with_context(|| format!("cannot remove {}", manifest_path.display()))?;
-        return Ok(());
+        return Ok(false);
     }
     let mut entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     if entries.any(|e| e.map_or(true, |e| e.file_name() != TEMPORARY_CACHE)) {
         bail!("{} is not empty and contains no atlas; choose a new or empty directory for --out", dir.display());
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Classes and templates for the class embeddings.
@@ -67,6 +68,30 @@ struct ClassSet {
     /// Prompts per class: the templates filled with its name.
     prompts: Vec<Vec<String>>,
     templates: usize,
+}
+
+/// The classes and the text pool of an atlas, read and checked before the passes over the images.
+pub struct TextInputs {
+    classes: ClassSet,
+    vocabulary: Vec<String>,
+    vocabulary_source: String,
+}
+
+impl TextInputs {
+    /// Reads `--classes` and `--vocabulary` (or the built-in files) and checks them against
+    /// `--templates` and `--terms`.
+    pub fn read(args: &AtlasArgs) -> Result<TextInputs> {
+        let classes = read_classes(args)?;
+        let (vocabulary, vocabulary_source) = read_vocabulary(args)?;
+        if vocabulary.len() < args.terms {
+            bail!(
+                "{vocabulary_source} has {} texts, fewer than --terms {}; lower --terms or use a larger vocabulary",
+                vocabulary.len(),
+                args.terms
+            );
+        }
+        Ok(TextInputs { classes, vocabulary, vocabulary_source })
+    }
 }
 
 fn read_classes(args: &AtlasArgs) -> Result<ClassSet> {
@@ -83,6 +108,7 @@ fn read_classes(args: &AtlasArgs) -> Result<ClassSet> {
     if templates > available {
         bail!("--templates {templates}: {source} has only {available} templates");
     }
+    warn_duplicates(&classes.classes, ("class name", "class names"), &source);
     let prompts = classes.classes.iter().map(|name| classes.prompts(name).into_iter().take(templates).collect()).collect();
     Ok(ClassSet { source, names: classes.classes.clone(), prompts, templates })
 }
@@ -96,16 +122,37 @@ fn read_vocabulary(args: &AtlasArgs) -> Result<(Vec<String>, String)> {
         None => (BUILT_IN_VOCABULARY.to_vec(), "built-in assets/vocabulary.txt".to_string()),
     };
     let texts = engine::vocabulary::read_text_pool(&bytes).with_context(|| format!("in {source}"))?;
-    if let Some(line) = texts.iter().position(|t| t.contains('\n')) {
-        bail!("{source}: text {line} contains a line break, which vocabulary.txt cannot store");
+    // Lines are split at `\n`, so only a lone `\r` can be left inside a text.
+    if let Some(index) = texts.iter().position(|t| t.contains(['\n', '\r'])) {
+        bail!("{source}: text {index} contains a line break, which vocabulary.txt cannot store");
     }
+    warn_duplicates(&texts, ("text", "texts"), &source);
     Ok((texts, source))
+}
+
+/// Warns on stderr when `texts` repeat, naming the number of repeats and the first repeated
+/// text. The repeats are kept, so the atlas lists them as often as the input does.
+fn warn_duplicates(texts: &[String], (singular, plural): (&str, &str), source: &str) {
+    let mut seen = std::collections::HashSet::new();
+    let mut first = None;
+    let mut repeats = 0;
+    for text in texts {
+        if !seen.insert(text.as_str()) {
+            repeats += 1;
+            first.get_or_insert(text.as_str());
+        }
+    }
+    if let Some(first) = first {
+        let noun = if repeats == 1 { singular } else { plural };
+        eprintln!("warning: {source} contains {repeats} duplicate {noun}, the first is {first:?}");
+    }
 }
 
 /// Computes directions, classes and terms from the merged top state and writes the atlas.
 pub fn write_atlas(
     setup: &Setup,
     args: &AtlasArgs,
+    texts: TextInputs,
     top: &TopState,
     timings: &mut Timings,
     command_started: Instant,
@@ -121,11 +168,7 @@ pub fn write_atlas(
 
     // Everything text-side: the tower, the tokenizer, the classes and the vocabulary.
     let started = Instant::now();
-    let classes = read_classes(args)?;
-    let (vocabulary, vocabulary_source) = read_vocabulary(args)?;
-    if vocabulary.len() < args.terms {
-        bail!("{vocabulary_source} has {} texts, fewer than --terms {}", vocabulary.len(), args.terms);
-    }
+    let TextInputs { classes, vocabulary, vocabulary_source } = texts;
     let config = &setup.model.config;
     let tokenizer = crate::text::load_tokenizer(&setup.model_dir, config)?;
     let tower = engine::text::load_text_from_dir(&setup.model_dir, &setup.device)?;
