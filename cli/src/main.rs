@@ -254,15 +254,11 @@ pub fn read_config(dir: &Path) -> Result<ClipConfig> {
     let (config_path, _) = model_dir_files(dir)?;
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
-    ClipConfig::from_json(&text).with_context(|| config_path.display().to_string())
+    Ok(ClipConfig::from_json(&text).map_err(|e| e.in_file(&config_path))?)
 }
 
-/// Loads a model directory. The config is parsed here first because the engine's own error for
-/// an invalid config repeats the "invalid model config" prefix.
+/// Loads a model directory.
 pub fn load_model(dir: &Path, device: &Device) -> Result<ClipModel> {
-    // NOTE: engine::weights::load_model_dir and engine::text::load_text_from_dir still repeat
-    // that prefix for their other callers.
-    read_config(dir)?;
     Ok(engine::weights::load_model_dir(dir, device)?)
 }
 

@@ -212,7 +212,8 @@ fn model_and_output_errors_read_once() {
         let output = clip_lens(&args);
         assert!(!output.status.success());
         let stderr = text(&output.stderr);
-        assert!(stderr.contains("config.json: invalid model config: config is not valid JSON"), "{stderr}");
+        assert!(stderr.contains("invalid model config: "), "{stderr}");
+        assert!(stderr.contains("config.json: config is not valid JSON"), "{stderr}");
         assert_eq!(stderr.matches("invalid model config").count(), 1, "{stderr}");
     }
 

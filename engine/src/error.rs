@@ -26,4 +26,18 @@ impl EngineError {
     pub fn io(context: impl Into<String>, error: std::io::Error) -> Self {
         EngineError::Io { context: context.into(), error }
     }
+
+    /// Prefixes the message with the file it is about, keeping the variant, so a config error
+    /// reads "FILE: invalid model config: ..." with the prefix once.
+    pub fn in_file(self, path: &std::path::Path) -> Self {
+        let file = path.display();
+        match self {
+            EngineError::Config(message) => EngineError::Config(format!("{file}: {message}")),
+            EngineError::Weights(message) => EngineError::Weights(format!("{file}: {message}")),
+            EngineError::Image(message) => EngineError::Image(format!("{file}: {message}")),
+            EngineError::Input(message) => EngineError::Input(format!("{file}: {message}")),
+            EngineError::Device(message) => EngineError::Device(format!("{file}: {message}")),
+            EngineError::Io { context, error } => EngineError::Io { context: format!("{file}: {context}"), error },
+        }
+    }
 }

@@ -129,7 +129,7 @@ pub fn load_text_from_dir(dir: &Path, device: &Device) -> Result<TextTransformer
     let config_json = std::fs::read_to_string(&config_path)
         .map_err(|e| EngineError::io(format!("cannot read {}", config_path.display()), e))?;
     let config = ClipConfig::from_json(&config_json)
-        .map_err(|e| EngineError::Config(format!("{}: {e}", config_path.display())))?;
+        .map_err(|e| e.in_file(&config_path))?;
     let bytes = std::fs::read(&weights_path)
         .map_err(|e| EngineError::io(format!("cannot read {}", weights_path.display()), e))?;
     let file = WeightFile::parse(&bytes, &weights_path.display().to_string())?;

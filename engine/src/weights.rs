@@ -179,7 +179,7 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<ClipModel> {
     let bytes = std::fs::read(&weights_path)
         .map_err(|e| EngineError::io(format!("cannot read {}", weights_path.display()), e))?;
     let config = ClipConfig::from_json(&config_json)
-        .map_err(|e| EngineError::Config(format!("{}: {e}", config_path.display())))?;
+        .map_err(|e| e.in_file(&config_path))?;
     let file = WeightFile::parse(&bytes, &weights_path.display().to_string())?;
     let vision = load_vision(&file, &config, device)?;
     Ok(ClipModel { config, vision })
