@@ -19,7 +19,7 @@ use crate::config::{Activation, ClipConfig, TextConfig};
 use crate::error::{EngineError, Result};
 use crate::model::{apply_activation, LayerNorm, ResidualBlock};
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{model_dir_files, Naming, WeightFile};
+use crate::weights::{model_dir_files, Loader, Naming, WeightFile};
 
 /// Sequences per forward pass in [`TextTransformer::embed`].
 pub const DEFAULT_BATCH_SIZE: usize = 256;
@@ -47,7 +47,7 @@ pub struct TextTransformer {
 pub fn load_text(file: &WeightFile, config: &ClipConfig, device: &Device) -> Result<TextTransformer> {
     let text = &config.text;
     let (width, mlp, eps) = (text.width, text.mlp_dim, text.layer_norm_eps);
-    let load = TensorLoader { file, device };
+    let load = Loader::new(file, device);
 
     let naming = file.naming();
     let (token, positional, ln_final) = match naming {
@@ -134,44 +134,6 @@ pub fn load_text_from_dir(dir: &Path, device: &Device) -> Result<TextTransformer
         .map_err(|e| EngineError::io(format!("cannot read {}", weights_path.display()), e))?;
     let file = WeightFile::parse(&bytes, &weights_path.display().to_string())?;
     load_text(&file, &config, device)
-}
-
-/// Reads tensors of a weight file into device tensors, checking their shapes.
-struct TensorLoader<'f, 'a> {
-    file: &'f WeightFile<'a>,
-    device: &'f Device,
-}
-
-impl TensorLoader<'_, '_> {
-    fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>> {
-        let values = self.file.read(name, &[len])?;
-        Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
-    }
-
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>> {
-        let values = self.file.read(name, &[rows, cols])?;
-        Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), self.device))
-    }
-
-    /// Reads a PyTorch `Linear` weight `[out, in]` and returns it as `[in, out]`.
-    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Tensor<2>> {
-        let values = self.file.read(name, &[out, inp])?;
-        let mut transposed = vec![0.0; values.len()];
-        for o in 0..out {
-            for i in 0..inp {
-                transposed[i * out + o] = values[o * inp + i];
-            }
-        }
-        Ok(Tensor::from_data(TensorData::new(transposed, [inp, out]), self.device))
-    }
-
-    fn layer_norm(&self, prefix: &str, width: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: self.vector(&format!("{prefix}.weight"), width)?,
-            bias: self.vector(&format!("{prefix}.bias"), width)?,
-            eps,
-        })
-    }
 }
 
 impl TextTransformer {

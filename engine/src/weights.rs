@@ -15,7 +15,7 @@ use crate::config::ClipConfig;
 use crate::error::{EngineError, Result};
 use crate::model::{ClipModel, LayerNorm, ResidualBlock, VisionTransformer};
 
-/// How the tensors of a checkpoint are named.
+/// The tensor naming scheme of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Naming {
     /// OpenAI's and open_clip's state dicts.
@@ -58,7 +58,7 @@ impl<'a> WeightFile<'a> {
         }
         let (naming, prefix) = detected.ok_or_else(|| {
             EngineError::Weights(format!(
-                "{file} holds no CLIP vision tower: found neither 'visual.conv1.weight' \
+                "{file} contains no CLIP vision tower: found neither 'visual.conv1.weight' \
                  (OpenAI/open_clip naming) nor 'vision_model.embeddings.patch_embedding.weight' \
                  (Hugging Face naming) among its {} tensors",
                 tensors.len()
@@ -196,29 +196,35 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-struct Loader<'f, 'a> {
+/// A reader of a weight file's tensors into device tensors, checking their shapes; shared by
+/// the vision and text towers.
+pub(crate) struct Loader<'f, 'a> {
     file: &'f WeightFile<'a>,
     device: &'f Device,
 }
 
-impl Loader<'_, '_> {
-    fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>> {
+impl<'f, 'a> Loader<'f, 'a> {
+    pub(crate) fn new(file: &'f WeightFile<'a>, device: &'f Device) -> Self {
+        Loader { file, device }
+    }
+
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Tensor<1>> {
         let values = self.file.read(name, &[len])?;
         Ok(Tensor::from_data(TensorData::new(values, [len]), self.device))
     }
 
-    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>> {
+    pub(crate) fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor<2>> {
         let values = self.file.read(name, &[rows, cols])?;
         Ok(Tensor::from_data(TensorData::new(values, [rows, cols]), self.device))
     }
 
     /// Reads a PyTorch `Linear` weight `[out, in]` and returns it as `[in, out]`.
-    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Tensor<2>> {
+    pub(crate) fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Tensor<2>> {
         let values = transpose(&self.file.read(name, &[out, inp])?, out, inp);
         Ok(Tensor::from_data(TensorData::new(values, [inp, out]), self.device))
     }
 
-    fn layer_norm(&self, prefix: &str, width: usize, eps: f64) -> Result<LayerNorm> {
+    pub(crate) fn layer_norm(&self, prefix: &str, width: usize, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
             weight: self.vector(&format!("{prefix}.weight"), width)?,
             bias: self.vector(&format!("{prefix}.bias"), width)?,
