@@ -375,7 +375,7 @@ async fn load_manifest(atlas_url: &str) -> Result<Option<Manifest>, String> {
 }
 
 /// Downloads the weights: through Cache Storage, verified against `expected_sha256` when the
-/// atlas gives one, else plainly. The third value tells whether the hash matched.
+/// atlas gives one, else plainly. The third value is `Ok` when the hash matched.
 async fn fetch_weights(
     dir: &str,
     expected_sha256: Option<&str>,

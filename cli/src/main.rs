@@ -143,7 +143,7 @@ struct InputArgs {
 
 #[derive(Args)]
 pub struct DeviceArgs {
-    /// Where the engine runs: cpu (burn's pure-Rust backend) or gpu (wgpu: Vulkan, Metal or DX12).
+    /// The device the engine runs on: cpu (burn's pure-Rust backend) or gpu (wgpu: Vulkan, Metal or DX12).
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
     device: DeviceKind,
 }

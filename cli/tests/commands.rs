@@ -125,7 +125,8 @@ fn errors_go_to_stderr_with_failure() {
     let output = clip_lens(&["embed", "--model", model.to_str().unwrap(), "--image", bad_image.to_str().unwrap(), "--out", "/dev/null"]);
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
-    assert!(stderr.starts_with("error:") && stderr.contains("not-an-image.png"), "{stderr}");
+    assert!(stderr.starts_with("error:"), "{stderr}");
+    assert!(stderr.contains("not-an-image.png"), "{stderr}");
 
     let output = clip_lens(&["effects", "--model", model.to_str().unwrap(), "--image", bad_image.to_str().unwrap(), "--layer", "3", "--out", "/dev/null"]);
     assert!(!output.status.success());

@@ -26,10 +26,10 @@ use crate::model::{Recording, VisionTransformer};
 /// text embedding is a CLIP logit.
 pub const LOGIT_SCALE: f64 = 100.0;
 
-/// Neurons per chunk are chosen so that one chunk of `U` holds at most this many floats.
+/// Neurons per chunk are chosen so that one chunk of `U` has at most this many floats.
 const CHUNK_FLOATS: usize = 1 << 24;
 
-/// The source blocks analysed by default: the last three blocks that have a later block
+/// Returns the source blocks analysed by default: the last three blocks that have a later block
 /// (8, 9 and 10 of a 12-block model), or all of them for shallower models.
 pub fn default_layers(num_layers: usize) -> Vec<usize> {
     let last = num_layers.saturating_sub(1);
@@ -225,7 +225,7 @@ impl Lens {
         Ok(squared.clamp_min(0.0).sqrt())
     }
 
-    /// The full effects `phi`, `[B, N, d]`. Costs `K N d` multiply-adds per image plus forming
+    /// Computes the full effects `phi`, `[B, N, d]`. Costs `K N d` multiply-adds per image plus forming
     /// `U` chunk by chunk; prefer [`Lens::effect_norms`] or projections where they suffice.
     pub fn effects(&self, coefficients: &BlockCoefficients) -> Result<Tensor<3>> {
         let basis = self.block(coefficients.layer)?;

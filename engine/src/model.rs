@@ -89,7 +89,7 @@ pub struct ClipModel {
     pub vision: VisionTransformer,
 }
 
-/// What a forward pass keeps besides the embedding.
+/// The quantities a forward pass records besides the embedding.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecordOptions {
     /// Blocks whose MLP post-activations are kept.

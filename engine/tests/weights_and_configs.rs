@@ -118,7 +118,8 @@ fn wrong_shape_names_tensor_and_shapes() {
     let json = serde_json::to_string(&wider.to_open_clip_json()).unwrap();
     let error = load_clip(&json, &model.safetensors, "model.safetensors", &Device::flex()).unwrap_err().to_string();
     assert!(error.contains("'visual.transformer.resblocks.0.mlp.c_fc.weight'"), "{error}");
-    assert!(error.contains("[128, 32]") && error.contains("[256, 32]"), "{error}");
+    assert!(error.contains("[128, 32]"), "{error}");
+    assert!(error.contains("[256, 32]"), "{error}");
     assert!(error.contains("model.safetensors"), "{error}");
 }
 

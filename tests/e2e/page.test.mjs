@@ -44,8 +44,8 @@ function photograph(tempDir) {
       return path.join(fixtures, preferred);
     }
   }
-  // NOTE: ImageMagick's built-in "rose:" is a 70 x 46 photograph; it stands in until
-  // fixtures/images has photographs.
+  // ImageMagick's built-in "rose:" is a 70 x 46 photograph, used only when fixtures/images has no
+  // JPEG.
   const file = path.join(tempDir, 'rose.jpg');
   execFileSync('convert', ['rose:', '-resize', '300x200', '-quality', '90', file]);
   return file;
@@ -160,7 +160,8 @@ describe('clip-lens page', () => {
       }
       const values = (await layers.nth(i).locator('.neuron-value').allTextContents()).map(Number);
       for (const value of values) {
-        assert.ok(Number.isFinite(value) && value >= 0, `effect norm ${value} is a finite non-negative number`);
+        assert.ok(Number.isFinite(value), `effect norm ${value} is finite`);
+        assert.ok(value >= 0, `effect norm ${value} is not negative`);
       }
       const sorted = [...values].sort((a, b) => b - a);
       assert.deepEqual(values, sorted, 'bars are sorted by effect norm, largest first');

@@ -170,7 +170,7 @@ fn Progress() -> impl IntoView {
     }
 }
 
-/// The concept search field; submitting opens `#/search/<query>`.
+/// Renders the concept search field. Submitting it opens `#/search/<query>`.
 #[component]
 fn SearchBox() -> impl IntoView {
     let state = expect_context::<AppState>();
